@@ -1,0 +1,131 @@
+"""Advantages: turn an epoch's rewards into normalised learning signals. Pure numpy.
+
+Three estimators, chosen by `advantage.mode`:
+- per_prompt: DDPO's per-prompt stat tracker. Each prompt keeps a bounded history of its
+  rewards across epochs; a sample's advantage is its reward standardised by that history, so
+  easy prompts do not drown out hard ones. Until a prompt has `min_count` rewards, the whole
+  batch's statistics stand in. The history is state and goes into checkpoints.
+- group: standardise within the K samples of each prompt drawn this epoch (GRPO-style).
+- batch: standardise over the whole epoch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+EPS = 1e-6
+
+
+def _check(prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if rewards.ndim != 1:
+        raise ValueError(f"rewards must be 1-D (one per sample), got shape {rewards.shape}")
+    if len(prompts) != len(rewards):
+        raise ValueError(f"{len(prompts)} prompts but {len(rewards)} rewards; expected one reward per prompt")
+    if len(rewards) == 0:
+        raise ValueError("no rewards to compute advantages from")
+    if not np.all(np.isfinite(rewards)):
+        raise ValueError(f"rewards contain non-finite values at indices {np.flatnonzero(~np.isfinite(rewards)).tolist()}")
+    return rewards
+
+
+def batch_advantages(rewards: np.ndarray) -> np.ndarray:
+    """(r - mean) / (std + 1e-6) over the whole batch."""
+    rewards = np.asarray(rewards, dtype=np.float64)
+    return (rewards - rewards.mean()) / (rewards.std() + EPS)
+
+
+def group_advantages(prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
+    """Standardise each reward within the samples of the same prompt in this batch."""
+    rewards = _check(prompts, rewards)
+    prompts_arr = np.asarray(prompts, dtype=object)
+    advantages = np.empty_like(rewards)
+    for prompt in dict.fromkeys(prompts):
+        mask = prompts_arr == prompt
+        group = rewards[mask]
+        advantages[mask] = (group - group.mean()) / (group.std() + EPS)
+    return advantages
+
+
+class PerPromptStatTracker:
+    """Per-prompt reward history (bounded), as in DDPO. Checkpoint it with state_dict()."""
+
+    def __init__(self, buffer_size: int, min_count: int) -> None:
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size={buffer_size} must be >= 1")
+        if not 1 <= min_count <= buffer_size:
+            raise ValueError(f"min_count={min_count} must be in [1, buffer_size={buffer_size}]")
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.buffers: dict[str, deque[float]] = {}
+
+    def update(self, prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
+        """Add this epoch's rewards to the history and return their advantages."""
+        rewards = _check(prompts, rewards)
+        prompts_arr = np.asarray(prompts, dtype=object)
+        batch_mean, batch_std = rewards.mean(), rewards.std()
+        advantages = np.empty_like(rewards)
+        for prompt in dict.fromkeys(prompts):
+            mask = prompts_arr == prompt
+            buffer = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buffer.extend(rewards[mask].tolist())
+            if len(buffer) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                mean, std = np.mean(buffer), np.std(buffer)
+            advantages[mask] = (rewards[mask] - mean) / (std + EPS)
+        return advantages
+
+    def stats(self) -> dict[str, float]:
+        lengths = [len(b) for b in self.buffers.values()]
+        return {
+            "tracker_prompts": len(lengths),
+            "tracker_mean_buffer": float(np.mean(lengths)) if lengths else 0.0,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "buffer_size": self.buffer_size,
+            "min_count": self.min_count,
+            "buffers": {prompt: list(buffer) for prompt, buffer in self.buffers.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for key in ("buffer_size", "min_count", "buffers"):
+            if key not in state:
+                raise ValueError(f"tracker state is missing {key!r}")
+        self.buffer_size = int(state["buffer_size"])
+        self.min_count = int(state["min_count"])
+        self.buffers = {
+            prompt: deque((float(r) for r in values), maxlen=self.buffer_size)
+            for prompt, values in state["buffers"].items()
+        }
+
+
+class AdvantageEstimator:
+    """The estimator `advantage.mode` names, behind one call; stateful only for per_prompt."""
+
+    def __init__(self, mode: str, buffer_size: int = 16, min_count: int = 16) -> None:
+        if mode not in ("per_prompt", "group", "batch"):
+            raise ValueError(f"advantage.mode={mode!r}; expected per_prompt, group or batch")
+        self.mode = mode
+        self.tracker = PerPromptStatTracker(buffer_size, min_count) if mode == "per_prompt" else None
+
+    def __call__(self, prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
+        if self.tracker is not None:
+            return self.tracker.update(prompts, rewards)
+        if self.mode == "group":
+            return group_advantages(prompts, rewards)
+        return batch_advantages(_check(prompts, rewards))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "tracker": self.tracker.state_dict() if self.tracker else None}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("mode") != self.mode:
+            raise ValueError(f"advantage state is for mode {state.get('mode')!r}, this run uses {self.mode!r}")
+        if self.tracker is not None:
+            self.tracker.load_state_dict(state["tracker"])

@@ -1,0 +1,370 @@
+"""The one run configuration: pydantic models, presets, YAML and command-line overrides.
+
+Every default lives here. A config is built as
+    defaults <- preset <- YAML file (--config) <- command-line overrides (key.path=value)
+and validated in full (types, ranges, cross-field arithmetic) before anything else runs, so a
+typo fails in a second instead of after the cluster has started. Names follow ddpo-pytorch
+(`sample.num_batches_per_epoch`, `train.timestep_fraction`, ...) so its users feel at home.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ddpo_ray.prompts import PROMPT_SETS
+
+# Rewards a config may name. The functions live in reward_services/; only names here.
+REWARD_NAMES = ("jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "llava_bertscore")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names every bad field."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a typo must not silently fall back to a default).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    pretrained: str = Field(
+        "tiny",
+        description='"tiny" (built in, offline), "sd15-random" (SD1.5 architecture, random '
+        "init, for GPU timings), a Hugging Face id, or a local diffusers directory",
+    )
+    revision: str | None = None
+    use_lora: bool = True
+    lora_rank: int = Field(4, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="dtype of the frozen weights and autocast; LoRA weights stay fp32"
+    )
+
+
+class SampleConfig(_Section):
+    num_steps: int = Field(20, ge=1)
+    eta: float = Field(1.0, gt=0.0, le=1.0, description="DDIM stochasticity; 0 has no log-density")
+    guidance_scale: float = Field(5.0, ge=1.0, description="CFG weight; 1.0 turns CFG off")
+    resolution: int = Field(64, ge=8)
+    batch_size: int = Field(8, ge=1, description="images per sampler call")
+    num_batches_per_epoch: int = Field(4, ge=1, description="in total, spread over samplers")
+    samples_per_prompt: int = Field(1, ge=1, description="K samples of each prompt per epoch")
+
+    @model_validator(mode="after")
+    def _resolution_multiple_of_8(self) -> "SampleConfig":
+        if self.resolution % 8 != 0:
+            raise ValueError(f"resolution={self.resolution} must be a multiple of 8")
+        return self
+
+
+class TrainConfig(_Section):
+    learning_rate: float = Field(3e-4, gt=0.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_weight_decay: float = Field(1e-4, ge=0.0)
+    adam_epsilon: float = Field(1e-8, gt=0.0)
+    batch_size: int = Field(8, ge=1, description="samples per minibatch, per learner worker")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="minibatches per optimizer step")
+    num_inner_epochs: int = Field(1, ge=1)
+    cfg: bool = Field(True, description="recompute log-probs with the same CFG as sampling")
+    clip_range: float = Field(1e-4, gt=0.0)
+    adv_clip_max: float = Field(5.0, gt=0.0)
+    timestep_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+
+
+class AdvantageConfig(_Section):
+    mode: Literal["per_prompt", "group", "batch"] = "batch"
+    buffer_size: int = Field(16, ge=1, description="per_prompt: rewards kept per prompt")
+    min_count: int = Field(16, ge=1, description="per_prompt: below this, use batch stats")
+
+    @model_validator(mode="after")
+    def _min_count_fits_buffer(self) -> "AdvantageConfig":
+        if self.min_count > self.buffer_size:
+            raise ValueError(
+                f"min_count={self.min_count} can never be reached with buffer_size="
+                f"{self.buffer_size}; set min_count <= buffer_size"
+            )
+        return self
+
+
+class PromptsConfig(_Section):
+    name: str = "simple_animals"
+    eval_name: str = Field("held_out", description="held-out prompts for evaluation")
+
+    @model_validator(mode="after")
+    def _known_sets(self) -> "PromptsConfig":
+        for field in ("name", "eval_name"):
+            value = getattr(self, field)
+            if value not in PROMPT_SETS:
+                raise ValueError(
+                    f"{field}={value!r} is not a prompt set; expected one of {sorted(PROMPT_SETS)}"
+                )
+        return self
+
+
+class RewardConfig(_Section):
+    name: str | None = "jpeg_compressibility"
+    weights: dict[str, float] | None = Field(
+        None, description="a weighted sum {reward_name: weight}; use instead of name"
+    )
+
+    @model_validator(mode="after")
+    def _one_of_name_or_weights(self) -> "RewardConfig":
+        if (self.name is None) == (self.weights is None):
+            raise ValueError("set exactly one of reward.name or reward.weights")
+        for reward_name in self.components():
+            if reward_name not in REWARD_NAMES:
+                raise ValueError(f"unknown reward {reward_name!r}; expected one of {list(REWARD_NAMES)}")
+        if self.weights is not None and not self.weights:
+            raise ValueError("reward.weights is empty; name at least one reward")
+        return self
+
+    def components(self) -> dict[str, float]:
+        """The rewards to compute and their weights ({name: 1.0} for a single reward)."""
+        return {self.name: 1.0} if self.name is not None else dict(self.weights or {})
+
+
+class ClusterConfig(_Section):
+    num_samplers: int = Field(1, ge=1)
+    gpus_per_sampler: float = Field(0.0, ge=0.0)
+    learner_workers: int = Field(1, ge=1)
+    gpus_per_learner_worker: float = Field(0.0, ge=0.0)
+    staleness: int = Field(0, ge=0, le=1, description="0: exact DDPO; 1: sample while training")
+
+
+class DDPOConfig(_Section):
+    preset: str = "tiny"
+    run_name: str | None = Field(None, description="default: <preset>-<date>-<time>")
+    output_dir: str = "outputs"
+    seed: int = 0
+    num_epochs: int = Field(5, ge=1)
+    save_freq: int = Field(1, ge=0, description="checkpoint every N epochs (0: only at the end)")
+    resume_from: str | None = Field(None, description='a checkpoint dir, a run dir, or "latest"')
+    model: ModelConfig = ModelConfig()
+    sample: SampleConfig = SampleConfig()
+    train: TrainConfig = TrainConfig()
+    advantage: AdvantageConfig = AdvantageConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    reward: RewardConfig = RewardConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.sample.batch_size * self.sample.num_batches_per_epoch
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """Denoising steps trained per sample (the first int(num_steps * fraction) of a shuffle)."""
+        return int(self.sample.num_steps * self.train.timestep_fraction)
+
+    @model_validator(mode="after")
+    def _epoch_arithmetic(self) -> "DDPOConfig":
+        total = self.samples_per_epoch
+        workers = self.cluster.learner_workers
+        epoch = (
+            f"{total} samples per epoch (sample.batch_size {self.sample.batch_size} x "
+            f"sample.num_batches_per_epoch {self.sample.num_batches_per_epoch})"
+        )
+        if total % workers:
+            raise ValueError(f"{epoch} do not split evenly over cluster.learner_workers={workers}")
+        per_worker = total // workers
+        if self.train.batch_size > per_worker:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} is larger than the {per_worker} samples "
+                f"each learner worker gets from {epoch}"
+            )
+        if per_worker % self.train.batch_size:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} does not divide the {per_worker} "
+                f"samples each learner worker gets from {epoch}"
+            )
+        minibatches = per_worker // self.train.batch_size
+        if minibatches % self.train.gradient_accumulation_steps:
+            raise ValueError(
+                f"train.gradient_accumulation_steps={self.train.gradient_accumulation_steps} does "
+                f"not divide the {minibatches} minibatches per learner worker per epoch, so the "
+                "last optimizer step would be partial"
+            )
+        if total % self.sample.samples_per_prompt:
+            raise ValueError(
+                f"sample.samples_per_prompt={self.sample.samples_per_prompt} does not divide {epoch}"
+            )
+        if self.advantage.mode == "group" and self.sample.samples_per_prompt < 2:
+            raise ValueError(
+                "advantage.mode='group' normalises within groups of one prompt, so it needs "
+                f"sample.samples_per_prompt >= 2 (got {self.sample.samples_per_prompt})"
+            )
+        if self.num_train_timesteps < 1:
+            raise ValueError(
+                f"train.timestep_fraction={self.train.timestep_fraction} x sample.num_steps="
+                f"{self.sample.num_steps} trains no timestep; raise one of them"
+            )
+        return self
+
+    def resolved_run_name(self) -> str:
+        return self.run_name or f"{self.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# --- presets ------------------------------------------------------------------------------
+# Each preset is a set of overrides on the defaults above (which are the `tiny` preset).
+
+_SD15 = {
+    "num_epochs": 100,
+    "model": {"pretrained": "runwayml/stable-diffusion-v1-5", "lora_rank": 4, "mixed_precision": "bf16"},
+    # 8 x 32 = 256 samples per epoch, as in the paper.
+    "sample": {"num_steps": 50, "eta": 1.0, "guidance_scale": 5.0, "resolution": 512,
+               "batch_size": 8, "num_batches_per_epoch": 32},
+    # 2 workers x 4 x 8 = 64 samples per optimizer step: 4 updates per epoch (ddpo-pytorch's
+    # 8 GPUs x 4 x 2).
+    "train": {"learning_rate": 3e-4, "batch_size": 4, "gradient_accumulation_steps": 8,
+              "clip_range": 1e-4, "adv_clip_max": 5.0, "cfg": True},
+    "advantage": {"mode": "per_prompt", "buffer_size": 16, "min_count": 16},
+    "prompts": {"name": "imagenet_animals"},
+    "reward": {"name": "jpeg_compressibility"},
+    "cluster": {"num_samplers": 2, "gpus_per_sampler": 1, "learner_workers": 2,
+                "gpus_per_learner_worker": 1},
+}
+
+
+def _merged(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "sd15_compressibility": _SD15,
+    "sd15_incompressibility": _merged(_SD15, {"reward": {"name": "jpeg_incompressibility"}}),
+    "sd15_aesthetic": _merged(_SD15, {
+        "num_epochs": 200,
+        "prompts": {"name": "simple_animals"},
+        "reward": {"name": "aesthetic"},
+        # 2 updates per epoch (ddpo-pytorch: "this reward is a bit easier to optimize").
+        "train": {"gradient_accumulation_steps": 16},
+        "advantage": {"buffer_size": 32, "min_count": 16},
+    }),
+    "sd15_alignment": _merged(_SD15, {
+        "num_epochs": 200,
+        # 8 x 36 = 288 samples per epoch; 2 workers x 4 x 18 = 144 per step: 2 updates.
+        "sample": {"num_batches_per_epoch": 36},
+        "train": {"gradient_accumulation_steps": 18},
+        "prompts": {"name": "nouns_activities"},
+        "reward": {"name": "llava_bertscore"},
+        "advantage": {"buffer_size": 32, "min_count": 16},
+    }),
+    # True-size SD1.5 UNet/VAE at random init: GPU timings with no download.
+    "sd15_random": _merged(_SD15, {"model": {"pretrained": "sd15-random"}}),
+}
+
+
+# --- building a config --------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`sample.num_steps=10` -> (["sample", "num_steps"], 10); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form key.path=value")
+    path = key.strip().split(".")
+    if any(not part for part in path):
+        raise ConfigError(f"override {text!r} has an empty key in its path")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from exc
+    return path, value
+
+
+def _set_path(data: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config {str(path)!r}: no such file")
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {str(path)!r} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {str(path)!r} must hold a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    """One line per problem, each starting with the dotted field name."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(part) for part in err["loc"]) or "config"
+        message = err["msg"].removeprefix("Value error, ")
+        shown_input = err.get("input")
+        if err["type"] != "value_error" and not isinstance(shown_input, dict):
+            message += f" (got {shown_input!r})"
+        lines.append(f"  {loc}: {message}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def build_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+) -> DDPOConfig:
+    """defaults <- preset <- YAML file <- overrides, validated; raises ConfigError on any problem.
+
+    The preset is the first of: an override `preset=...`, the file's `preset:` key, the
+    `preset` argument, "tiny".
+    """
+    file_data = _read_yaml(config_file) if config_file is not None else {}
+    parsed = [parse_override(text) for text in overrides]
+    chosen = preset or "tiny"
+    if "preset" in file_data:
+        chosen = file_data["preset"]
+    for path, value in parsed:
+        if path == ["preset"]:
+            chosen = value
+    if chosen not in PRESETS:
+        raise ConfigError(f"preset={chosen!r} is not a preset; expected one of {sorted(PRESETS)}")
+    data = _merged(PRESETS[chosen], file_data)
+    for path, value in parsed:
+        _set_path(data, path, value)
+    data["preset"] = chosen
+    try:
+        return DDPOConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="YAML file with config values")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="base preset (default: tiny)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key.path=value",
+        help="config overrides, e.g. sample.num_steps=10 train.learning_rate=1e-4",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> DDPOConfig:
+    return build_config(preset=args.preset, config_file=args.config, overrides=args.overrides)

