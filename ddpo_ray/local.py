@@ -1,0 +1,175 @@
+"""The single-process DDPO loop: sample -> reward -> advantages -> PPO -> repeat.
+
+Read it top to bottom: it is the whole algorithm with no Ray. It is the reference the Ray
+system is checked and measured against, and a debugging tool:
+
+    python -m ddpo_ray.local                                  # the offline `tiny` preset
+    python -m ddpo_ray.local --preset tiny num_epochs=2 sample.num_steps=10
+    python -m ddpo_ray.local --config my.yaml resume_from=latest run_name=my-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ddpo_ray.advantages import AdvantageEstimator
+from ddpo_ray.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
+from ddpo_ray.config import ConfigError, DDPOConfig, add_config_arguments, config_from_args
+from ddpo_ray.diffusion import Trajectories, sample_trajectories
+from ddpo_ray.models import compute_dtype, load_pipeline, trainable_parameters
+from ddpo_ray.ppo import make_optimizer, train_epoch
+from ddpo_ray.prompts import PromptSampler, get_prompts
+from ddpo_ray.run_dir import RunDirectory
+from ddpo_ray.seeding import SAMPLING, TRAINING, make_generator
+from reward_services.functions import compute_rewards
+
+
+def sample_batch(
+    pipe, cfg: DDPOConfig, prompts: Sequence[str], epoch: int, batch_index: int, policy_version: int
+) -> Trajectories:
+    """Sampling batch `batch_index` of `epoch`; its noise depends only on (seed, epoch, batch)."""
+    generator = make_generator(cfg.seed, SAMPLING, epoch, batch_index, device=pipe.unet.device)
+    return sample_trajectories(
+        pipe,
+        prompts,
+        num_steps=cfg.sample.num_steps,
+        guidance_scale=cfg.sample.guidance_scale,
+        eta=cfg.sample.eta,
+        resolution=cfg.sample.resolution,
+        generator=generator,
+        compute_dtype=compute_dtype(cfg.model.mixed_precision),
+        policy_version=policy_version,
+    )
+
+
+def train_guidance_scale(cfg: DDPOConfig) -> float:
+    """The CFG weight log-probs are recomputed with: the sampling one if train.cfg, else none."""
+    return cfg.sample.guidance_scale if cfg.train.cfg else 1.0
+
+
+def _summary(name: str, values: np.ndarray) -> dict[str, float]:
+    return {
+        f"{name}_mean": float(np.mean(values)),
+        f"{name}_std": float(np.std(values)),
+        f"{name}_min": float(np.min(values)),
+        f"{name}_max": float(np.max(values)),
+    }
+
+
+def format_progress(metrics: dict[str, Any]) -> str:
+    return (
+        f"epoch {metrics['epoch']:4d} | samples {metrics['samples']:4d} | "
+        f"reward {metrics['reward_mean']:+.4f} +- {metrics['reward_std']:.4f} | "
+        f"kl {metrics['approx_kl']:.2e} clipfrac {metrics['clipfrac']:.3f} | "
+        f"time sample {metrics['time_sampling']:.1f}s reward {metrics['time_reward']:.1f}s "
+        f"train {metrics['time_training']:.1f}s"
+    )
+
+
+def run(cfg: DDPOConfig, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
+    """Train for cfg.num_epochs epochs in this process; returns the per-epoch metrics."""
+    run_dir = RunDirectory(f"{cfg.output_dir}/{cfg.resolved_run_name()}")
+    run_dir.write_config(cfg.to_dict())
+    print(f"run directory: {run_dir.root}", flush=True)
+
+    # --- the policy: frozen pipeline + trainable LoRA, its optimizer -----------------------
+    pipe = load_pipeline(cfg.model, device)
+    params = trainable_parameters(pipe.unet, cfg.model.use_lora, cfg.model.lora_rank, seed=cfg.seed)
+    optimizer = make_optimizer(params, cfg.train)
+    dtype = compute_dtype(cfg.model.mixed_precision)
+    advantage_fn = AdvantageEstimator(cfg.advantage.mode, cfg.advantage.buffer_size, cfg.advantage.min_count)
+    prompt_sampler = PromptSampler(get_prompts(cfg.prompts.name), cfg.sample.samples_per_prompt, cfg.seed)
+    reward_weights = cfg.reward.components()
+
+    first_epoch, policy_version = 0, 0
+    if cfg.resume_from:
+        path = resolve_resume_path(cfg.resume_from, run_dir)
+        state = load_checkpoint(path, pipe.unet, cfg.model.use_lora, optimizer, advantage_fn)
+        first_epoch, policy_version = state["epoch"] + 1, state["policy_version"]
+        run_dir.truncate_metrics(after_epoch=state["epoch"])
+        print(f"resumed from {path} at epoch {first_epoch}", flush=True)
+
+    history = run_dir.read_metrics()
+    for epoch in range(first_epoch, cfg.num_epochs):
+        epoch_start = time.perf_counter()
+
+        # 1. sample: trajectories with log-probs under the current policy
+        prompts = prompt_sampler.epoch_prompts(epoch, cfg.samples_per_epoch)
+        batches = [
+            sample_batch(pipe, cfg, prompts[b * cfg.sample.batch_size:(b + 1) * cfg.sample.batch_size],
+                         epoch, b, policy_version)
+            for b in range(cfg.sample.num_batches_per_epoch)
+        ]
+        trajectories = Trajectories.concat(batches)
+        time_sampling = time.perf_counter() - epoch_start
+
+        # 2. reward the decoded images
+        start = time.perf_counter()
+        rewards, _ = compute_rewards(reward_weights, trajectories.images.numpy(), trajectories.prompts)
+        time_reward = time.perf_counter() - start
+
+        # 3. advantages over the whole epoch
+        advantages = advantage_fn(trajectories.prompts, rewards)
+
+        # 4. PPO: num_inner_epochs passes over the epoch's trajectories
+        start = time.perf_counter()
+        advantages_t = torch.as_tensor(advantages, dtype=torch.float32)
+        inner_metrics = []
+        for inner in range(cfg.train.num_inner_epochs):
+            inner_metrics.append(train_epoch(
+                pipe.unet, pipe.scheduler, optimizer, params, trajectories, advantages_t, cfg.train,
+                guidance_scale=train_guidance_scale(cfg),
+                eta=cfg.sample.eta,
+                generator=make_generator(cfg.seed, TRAINING, epoch, inner),
+                compute_dtype=dtype,
+            ))
+        policy_version += 1
+        time_training = time.perf_counter() - start
+
+        # 5. record the epoch
+        metrics: dict[str, Any] = {"epoch": epoch, "samples": len(trajectories), "policy_version": policy_version}
+        metrics.update(_summary("reward", rewards))
+        metrics.update({k: v for k, v in _summary("advantage", advantages).items() if not k.endswith(("min", "max"))})
+        for key in inner_metrics[0]:
+            metrics[key] = float(np.mean([m[key] for m in inner_metrics]))
+        metrics["first_inner_ratio_max_dev"] = inner_metrics[0]["ratio_max_dev"]
+        metrics.update(time_sampling=time_sampling, time_reward=time_reward, time_training=time_training)
+        metrics["time_epoch"] = time.perf_counter() - epoch_start
+        run_dir.append_metrics(metrics)
+        history.append(metrics)
+        run_dir.save_sample_grid(epoch, trajectories.images.numpy(), trajectories.prompts, rewards.tolist())
+        run_dir.save_reward_curve(history)
+        last = epoch == cfg.num_epochs - 1
+        if last or (cfg.save_freq and (epoch + 1) % cfg.save_freq == 0):
+            save_checkpoint(run_dir, epoch, pipe.unet, cfg.model.use_lora, optimizer, advantage_fn, policy_version)
+        print(format_progress(metrics), flush=True)
+
+    return history
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ddpo_ray.local", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    history = run(cfg, args.device)
+    if history:
+        first, last = history[0], history[-1]
+        print(f"done: {len(history)} epochs, reward {first['reward_mean']:+.4f} -> {last['reward_mean']:+.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

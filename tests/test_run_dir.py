@@ -1,0 +1,230 @@
+"""RunDirectory: config, metrics (including runs killed mid-write), sample grids, curve, checkpoints."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from ddpo_ray.run_dir import MIN_CELL_WIDTH, RunDirectory
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    return RunDirectory(tmp_path / "outputs" / "run")
+
+
+def test_creates_layout(run_dir, tmp_path):
+    assert run_dir.root == tmp_path / "outputs" / "run"
+    assert run_dir.samples_dir.is_dir()
+    assert run_dir.checkpoints_dir.is_dir()
+    assert run_dir.config_path.name == "config.yaml"
+    assert run_dir.metrics_path.name == "metrics.jsonl"
+    assert run_dir.reward_curve_path.name == "reward_curve.png"
+    RunDirectory(run_dir.root)  # reopening an existing run is fine
+
+
+# --- config ------------------------------------------------------------------------------
+
+
+def test_config_round_trip_keeps_order(run_dir):
+    config = {"run_name": "r", "seed": np.int64(3), "sample": {"num_steps": 10, "eta": 1.0},
+              "prompts": ("a cat", "a dog"), "lr": 3e-4}
+    path = run_dir.write_config(config)
+    assert path == run_dir.config_path
+    loaded = yaml.safe_load(path.read_text())
+    assert loaded == {"run_name": "r", "seed": 3, "sample": {"num_steps": 10, "eta": 1.0},
+                      "prompts": ["a cat", "a dog"], "lr": 3e-4}
+    assert list(loaded) == ["run_name", "seed", "sample", "prompts", "lr"]
+    run_dir.write_config({"seed": 4})  # overwrite, no temp files left behind
+    assert yaml.safe_load(path.read_text()) == {"seed": 4}
+    assert sorted(p.name for p in run_dir.root.iterdir()) == ["checkpoints", "config.yaml", "samples"]
+
+
+# --- metrics -----------------------------------------------------------------------------
+
+
+def test_metrics_append_read_converts_values(run_dir):
+    assert run_dir.read_metrics() == []
+    run_dir.append_metrics({
+        "epoch": np.int64(0),
+        "reward_mean": np.float32(0.5),
+        "scalar_array": np.array(2.5),
+        "vector": np.array([1, 2]),
+        "tensor": torch.tensor(1.25),
+        "nan": float("nan"),
+        "inf": np.float64("inf"),
+        "nested": {"x": [np.float32(float("nan")), 1]},
+        "flag": np.bool_(True),
+    })
+    run_dir.append_metrics({"epoch": 1, "reward_mean": 0.75})
+    rows = run_dir.read_metrics()
+    assert rows == [
+        {"epoch": 0, "reward_mean": 0.5, "scalar_array": 2.5, "vector": [1, 2], "tensor": 1.25,
+         "nan": None, "inf": None, "nested": {"x": [None, 1]}, "flag": True},
+        {"epoch": 1, "reward_mean": 0.75},
+    ]
+    assert type(rows[0]["epoch"]) is int
+    lines = run_dir.metrics_path.read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line) for line in lines)
+    assert "NaN" not in run_dir.metrics_path.read_text()
+
+
+def test_metrics_rejects_unknown_value_type_naming_key(run_dir):
+    with pytest.raises(TypeError, match=r"metrics\['bad'\]"):
+        run_dir.append_metrics({"epoch": 0, "bad": object()})
+    assert run_dir.read_metrics() == []
+
+
+def test_truncated_last_line_is_skipped(run_dir):
+    run_dir.append_metrics({"epoch": 0, "reward_mean": 0.1})
+    run_dir.append_metrics({"epoch": 1, "reward_mean": 0.2})
+    with open(run_dir.metrics_path, "a") as f:
+        f.write('{"epoch": 2, "rew')  # killed mid-write
+    with pytest.warns(UserWarning, match="line 3"):
+        rows = run_dir.read_metrics()
+    assert [row["epoch"] for row in rows] == [0, 1]
+
+
+def test_append_after_truncated_line_drops_the_fragment(run_dir):
+    run_dir.append_metrics({"epoch": 0})
+    with open(run_dir.metrics_path, "a") as f:
+        f.write('{"epoch": 1, "rew')
+    run_dir.append_metrics({"epoch": 1})
+    assert run_dir.read_metrics() == [{"epoch": 0}, {"epoch": 1}]
+
+
+def test_corrupt_middle_line_raises_with_line_number(run_dir):
+    run_dir.append_metrics({"epoch": 0})
+    with open(run_dir.metrics_path, "a") as f:
+        f.write("not json\n")
+    run_dir.append_metrics({"epoch": 2})
+    with pytest.raises(ValueError, match=r"metrics\.jsonl: line 2"):
+        run_dir.read_metrics()
+
+
+def test_truncate_metrics(run_dir):
+    for epoch in range(5):
+        run_dir.append_metrics({"epoch": epoch, "reward_mean": epoch / 10})
+    run_dir.truncate_metrics(after_epoch=2)
+    assert [row["epoch"] for row in run_dir.read_metrics()] == [0, 1, 2]
+    run_dir.append_metrics({"epoch": 3, "reward_mean": 0.3})
+    assert [row["epoch"] for row in run_dir.read_metrics()] == [0, 1, 2, 3]
+    run_dir.truncate_metrics(after_epoch=-1)
+    assert run_dir.read_metrics() == []
+
+
+def test_truncate_metrics_without_file_is_a_no_op(run_dir):
+    run_dir.truncate_metrics(after_epoch=3)
+    assert not run_dir.metrics_path.exists()
+
+
+# --- sample grid -------------------------------------------------------------------------
+
+
+def _images(n, size=64, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def test_sample_grid_layout_and_upscaling(run_dir):
+    images = _images(5)
+    prompts = ["a photo of a cat", "a very long prompt " * 10, "dog", "", "🐱 unicode"]
+    path = run_dir.save_sample_grid(3, images, prompts, [0.1, -0.2, 0.3, float("nan"), 1.0])
+    assert path == run_dir.samples_dir / "epoch_0003.png"
+    with Image.open(path) as grid:
+        grid.load()
+    # 5 images -> 3 columns x 2 rows; 64 px upscaled 2x (nearest) to 128 px, captions below.
+    width, height = grid.size
+    assert 3 * MIN_CELL_WIDTH <= width < 3 * MIN_CELL_WIDTH + 20
+    assert height > 2 * MIN_CELL_WIDTH + 2 * 20
+    cell = np.asarray(grid)[2:2 + 128, 2:2 + 128]
+    assert np.array_equal(cell[::2, ::2], images[0])  # nearest-neighbour: each pixel a 2x2 block
+    assert np.array_equal(cell[1::2, 1::2], images[0])
+
+
+def test_sample_grid_max_images_and_pil_input(run_dir):
+    pil_images = [Image.fromarray(image) for image in _images(10, size=256)]
+    path = run_dir.save_sample_grid(12, pil_images, ["p"] * 10, np.zeros(10), max_images=4)
+    with Image.open(path) as grid:
+        width, height = grid.size
+    assert path.name == "epoch_0012.png"
+    assert 2 * 256 <= width < 2 * 256 + 20  # 4 cells -> 2 x 2, no upscaling of 256 px images
+    assert height > 2 * 256
+
+
+def test_sample_grid_validates_inputs(run_dir):
+    images = _images(3)
+    with pytest.raises(ValueError, match="prompts: expected 3"):
+        run_dir.save_sample_grid(0, images, ["a", "b"], [0.0] * 3)
+    with pytest.raises(ValueError, match="rewards: expected 3"):
+        run_dir.save_sample_grid(0, images, ["a"] * 3, [0.0] * 4)
+    with pytest.raises(ValueError, match="prompts: .*single str"):
+        run_dir.save_sample_grid(0, images, "abc", [0.0] * 3)
+    with pytest.raises(ValueError, match="uint8"):
+        run_dir.save_sample_grid(0, images.astype(np.float32) / 255, ["a"] * 3, [0.0] * 3)
+    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
+        run_dir.save_sample_grid(0, images[..., :1], ["a"] * 3, [0.0] * 3)
+    with pytest.raises(ValueError, match=r"images\[1\]"):
+        run_dir.save_sample_grid(0, [images[0], images[1, :32]], ["a"] * 2, [0.0] * 2)
+    with pytest.raises(ValueError, match="epoch"):
+        run_dir.save_sample_grid(-1, images, ["a"] * 3, [0.0] * 3)
+    assert list(run_dir.samples_dir.iterdir()) == []
+
+
+# --- reward curve ------------------------------------------------------------------------
+
+
+def _assert_png(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size[0] > 100 and image.size[1] > 100
+
+
+@pytest.mark.parametrize("num_rows", [0, 1, 6])
+def test_reward_curve_written(run_dir, num_rows):
+    rows = [{"epoch": e, "reward_mean": math.sin(e), "reward_std": 0.1} for e in range(num_rows)]
+    path = run_dir.save_reward_curve(rows)
+    assert path == run_dir.reward_curve_path
+    _assert_png(path)
+
+
+def test_reward_curve_from_file_with_eval_and_gaps(run_dir):
+    run_dir.append_metrics({"epoch": 0, "reward_mean": 0.1})  # no std
+    run_dir.append_metrics({"epoch": 1, "reward_mean": float("nan"), "reward_std": 0.1})  # null
+    run_dir.append_metrics({"epoch": 2, "approx_kl": 0.0})  # no reward at all
+    run_dir.append_metrics({"epoch": 3, "reward_mean": 0.3, "reward_std": 0.05, "eval_reward_mean": 0.25})
+    _assert_png(run_dir.save_reward_curve())
+    _assert_png(run_dir.save_reward_curve(key="approx_kl", std_key="none"))
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+
+def test_checkpoints_listing_ignores_incomplete(run_dir):
+    assert run_dir.list_checkpoints() == []
+    assert run_dir.latest_checkpoint() is None
+    assert run_dir.checkpoint_path(7) == run_dir.checkpoints_dir / "epoch_0007"
+    assert not run_dir.checkpoint_path(7).exists()
+
+    for epoch in (1, 12, 3):
+        run_dir.checkpoint_path(epoch).mkdir()
+        run_dir.mark_checkpoint_complete(epoch)
+    run_dir.checkpoint_path(20).mkdir()  # half-written: no COMPLETE marker
+    (run_dir.checkpoints_dir / "epoch_0030.tmp").mkdir()  # not a checkpoint name
+    (run_dir.checkpoints_dir / "epoch_0030.tmp" / "COMPLETE").touch()
+    (run_dir.checkpoints_dir / "epoch_0040").touch()  # a file, not a directory
+
+    assert run_dir.list_checkpoints() == [
+        (1, run_dir.checkpoint_path(1)),
+        (3, run_dir.checkpoint_path(3)),
+        (12, run_dir.checkpoint_path(12)),
+    ]
+    assert run_dir.latest_checkpoint() == run_dir.checkpoint_path(12)
+
+
+def test_mark_checkpoint_complete_requires_directory(run_dir):
+    with pytest.raises(FileNotFoundError, match="epoch_0005"):
+        run_dir.mark_checkpoint_complete(5)
