@@ -49,6 +49,16 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
+def interleaved_medians(fn_a, fn_b, repeats: int, device: torch.device) -> tuple[float, float]:
+    """Median times of a and b, run alternately after one warm-up each (noise hits both)."""
+    fn_a(), fn_b()
+    times_a, times_b = [], []
+    for _ in range(repeats):
+        times_a.append(timed(fn_a, device))
+        times_b.append(timed(fn_b, device))
+    return statistics.median(times_a), statistics.median(times_b)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -101,17 +111,13 @@ def main() -> int:
                  eta=cfg.sample.eta, height=cfg.sample.resolution, width=cfg.sample.resolution,
                  generator=torch.Generator(device).manual_seed(0), output_type="np")
 
-    ours(), plain()  # warm-up
-    t_ours, t_plain = [], []
-    for _ in range(args.repeats):
-        t_ours.append(timed(ours, device))
-        t_plain.append(timed(plain, device))
-    a_ratio = statistics.median(t_ours) / statistics.median(t_plain)
-    results["sampling"] = {"ours_s": statistics.median(t_ours), "diffusers_s": statistics.median(t_plain),
-                           "ratio": a_ratio, "samples_per_s": args.batch / statistics.median(t_ours)}
-    print(f"(a) sampling {args.batch} x {args.steps} steps: ours {statistics.median(t_ours):.3f}s, "
-          f"diffusers pipeline {statistics.median(t_plain):.3f}s, ratio {a_ratio:.3f} "
-          f"({100 * (a_ratio - 1):+.1f}%), {args.batch / statistics.median(t_ours):.2f} samples/s", flush=True)
+    t_ours, t_plain = interleaved_medians(ours, plain, args.repeats, device)
+    a_ratio = t_ours / t_plain
+    results["sampling"] = {"ours_s": t_ours, "diffusers_s": t_plain, "ratio": a_ratio,
+                           "samples_per_s": args.batch / t_ours}
+    print(f"(a) sampling {args.batch} x {args.steps} steps: ours {t_ours:.3f}s, diffusers pipeline "
+          f"{t_plain:.3f}s, ratio {a_ratio:.3f} ({100 * (a_ratio - 1):+.1f}%), "
+          f"{args.batch / t_ours:.2f} samples/s", flush=True)
 
     # (b) one PPO epoch vs bare UNet forward+backward over the same sample-timesteps
     traj = ours()
@@ -138,16 +144,11 @@ def main() -> int:
         pipe.unet.zero_grad(set_to_none=True)
         pipe.unet.eval()
 
-    ppo(), bare()
-    t_ppo, t_bare = [], []
-    for _ in range(args.repeats):
-        t_ppo.append(timed(ppo, device))
-        t_bare.append(timed(bare, device))
-    b_ratio = statistics.median(t_ppo) / statistics.median(t_bare)
-    results["ppo_epoch"] = {"ours_s": statistics.median(t_ppo), "bare_unet_fwd_bwd_s": statistics.median(t_bare),
-                            "ratio": b_ratio}
-    print(f"(b) PPO epoch over {args.batch} samples x {steps_trained} timesteps: ours {statistics.median(t_ppo):.3f}s, "
-          f"bare UNet fwd+bwd {statistics.median(t_bare):.3f}s, ratio {b_ratio:.3f} ({100 * (b_ratio - 1):+.1f}%)",
+    t_ppo, t_bare = interleaved_medians(ppo, bare, args.repeats, device)
+    b_ratio = t_ppo / t_bare
+    results["ppo_epoch"] = {"ours_s": t_ppo, "bare_unet_fwd_bwd_s": t_bare, "ratio": b_ratio}
+    print(f"(b) PPO epoch over {args.batch} samples x {steps_trained} timesteps: ours {t_ppo:.3f}s, "
+          f"bare UNet fwd+bwd {t_bare:.3f}s, ratio {b_ratio:.3f} ({100 * (b_ratio - 1):+.1f}%)",
           flush=True)
 
     # (c) memory

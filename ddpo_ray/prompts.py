@@ -15,6 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ddpo_ray.tiny_world import COLOURS, COUNTS, object_prompt
+
 # The 45 animals of the DDPO paper ("simple_animals" in ddpo-pytorch).
 SIMPLE_ANIMALS: tuple[str, ...] = (
     "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep",
@@ -184,6 +186,19 @@ INANIMATE_OBJECTS: tuple[str, ...] = (
 )  # fmt: skip
 
 # The names a config's `prompts.name` / `prompts.eval_name` may use.
+# The `tiny` model's world (ddpo_ray/tiny_world.py): prompts name only the objects, leaving
+# background, size and position to the model. Diamonds are held out of the training prompts
+# (the base model knows them from pretraining), like the paper's unseen animals.
+TINY_SHAPES: tuple[str, ...] = tuple(
+    object_prompt(count, colour, shape)
+    for shape in ("circle", "square", "triangle")
+    for colour in COLOURS
+    for count in COUNTS
+)
+TINY_SHAPES_HELD_OUT: tuple[str, ...] = tuple(
+    object_prompt(count, colour, "diamond") for colour in COLOURS for count in COUNTS
+)
+
 PROMPT_SETS: dict[str, tuple[str, ...]] = {
     "simple_animals": SIMPLE_ANIMALS,
     "imagenet_animals": IMAGENET_ANIMALS,
@@ -191,6 +206,8 @@ PROMPT_SETS: dict[str, tuple[str, ...]] = {
     "held_out_animals": HELD_OUT_ANIMALS,
     "inanimate_objects": INANIMATE_OBJECTS,
     "held_out": HELD_OUT_ANIMALS + INANIMATE_OBJECTS,
+    "tiny_shapes": TINY_SHAPES,
+    "tiny_shapes_held_out": TINY_SHAPES_HELD_OUT,
 }
 
 

@@ -7,7 +7,7 @@ import torch
 from ddpo_ray.config import build_config
 from ddpo_ray.diffusion import sample_trajectories
 from ddpo_ray.local import main, run
-from ddpo_ray.models import build_tiny_pipeline
+from ddpo_ray.models import load_tiny_pipeline
 
 SMALL = [
     "sample.num_steps=3", "sample.batch_size=4", "sample.num_batches_per_epoch=2",
@@ -29,7 +29,7 @@ def test_loop_writes_the_run_directory_and_a_loadable_lora(tmp_path):
                  "checkpoints/epoch_0001/COMPLETE", "checkpoints/epoch_0001/trainer_state.pt"):
         assert (root / name).is_file(), name
 
-    pipe = build_tiny_pipeline()
+    pipe = load_tiny_pipeline()
     kwargs = dict(num_steps=3, guidance_scale=5.0, eta=1.0, resolution=64)
     base = sample_trajectories(pipe, ["a cat"], generator=torch.Generator().manual_seed(0), **kwargs).images
     pipe.load_lora_weights(root / "checkpoints" / "epoch_0001")

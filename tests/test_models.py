@@ -6,7 +6,7 @@ import torch
 from ddpo_ray.config import ModelConfig
 from ddpo_ray.diffusion import sample_trajectories
 from ddpo_ray.models import (
-    ModelNotFoundError, add_lora, build_sd15_random_pipeline, build_tiny_pipeline, lora_state_dict,
+    ModelNotFoundError, add_lora, build_sd15_random_pipeline, build_tiny_random_pipeline, lora_state_dict,
     load_lora_state_dict, load_pipeline, save_lora,
 )
 from tests.helpers import randomize_lora
@@ -20,14 +20,14 @@ def images(pipe, seed=0):
 
 
 def test_tiny_pipeline_has_the_real_minilm_text_encoder():
-    pipe = build_tiny_pipeline()
+    pipe = build_tiny_random_pipeline()
     assert type(pipe.text_encoder).__name__ == "BertModel"
     assert pipe.text_encoder.config.hidden_size == 384 == pipe.unet.config.cross_attention_dim
-    assert pipe.tokenizer.model_max_length == 77
+    assert pipe.tokenizer.model_max_length == 32  # every tiny-world and shipped prompt fits
     ids = pipe.tokenizer("a photo of a cat").input_ids
     assert pipe.tokenizer.decode(ids, skip_special_tokens=True) == "a photo of a cat"
     # same seed -> same weights; the text encoder is pretrained, not random
-    other = build_tiny_pipeline()
+    other = build_tiny_random_pipeline()
     for (name, a), (_, b) in zip(pipe.unet.state_dict().items(), other.unet.state_dict().items()):
         assert torch.equal(a, b), name
 
@@ -54,7 +54,7 @@ def test_lora_saves_in_diffusers_format_and_loads_with_load_lora_weights(tiny_pi
     save_lora(tiny_pipe.unet, tmp_path / "lora")
     assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
-    fresh = build_tiny_pipeline()
+    fresh = build_tiny_random_pipeline()
     base = images(fresh)
     fresh.load_lora_weights(tmp_path / "lora")
     reloaded = images(fresh)
@@ -66,16 +66,16 @@ def test_lora_state_dict_round_trip(tiny_pipe):
     add_lora(tiny_pipe.unet, rank=4)
     randomize_lora(tiny_pipe.unet, seed=1)
     state = lora_state_dict(tiny_pipe.unet)
-    other = build_tiny_pipeline()
+    other = build_tiny_random_pipeline()
     add_lora(other.unet, rank=4)
     load_lora_state_dict(other.unet, state)
     assert all(torch.equal(v, lora_state_dict(other.unet)[k]) for k, v in state.items())
 
 
 def test_load_pipeline_from_local_directory(tmp_path):
-    build_tiny_pipeline(seed=3).save_pretrained(tmp_path / "tiny")
+    build_tiny_random_pipeline(seed=3).save_pretrained(tmp_path / "tiny")
     pipe = load_pipeline(ModelConfig(pretrained=str(tmp_path / "tiny")))
-    expected = build_tiny_pipeline(seed=3).unet.state_dict()
+    expected = build_tiny_random_pipeline(seed=3).unet.state_dict()
     for name, value in pipe.unet.state_dict().items():
         assert torch.equal(value, expected[name]), name
     assert not any(p.requires_grad for p in pipe.unet.parameters())

@@ -36,6 +36,8 @@ def test_prompt_set_names():
         "held_out_animals",
         "inanimate_objects",
         "held_out",
+        "tiny_shapes",
+        "tiny_shapes_held_out",
     }
     assert PROMPT_SETS["held_out"] == HELD_OUT_ANIMALS + INANIMATE_OBJECTS
 

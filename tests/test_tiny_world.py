@@ -1,0 +1,50 @@
+"""The procedural world the tiny model is pretrained on: captions match pixels, JPEG size varies."""
+
+import numpy as np
+
+from ddpo_ray.prompts import TINY_SHAPES, TINY_SHAPES_HELD_OUT
+from ddpo_ray.tiny_world import COLOURS, make_batch, random_scene, render, sample_caption
+from reward_services.jpeg import jpeg_sizes_kb
+
+
+def test_same_seed_same_world():
+    a, scenes_a = make_batch(np.random.default_rng(3), 8)
+    b, scenes_b = make_batch(np.random.default_rng(3), 8)
+    assert np.array_equal(a, b) and scenes_a == scenes_b
+    assert a.shape == (8, 64, 64, 3) and a.dtype == np.uint8
+
+
+def test_caption_names_what_is_drawn():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scene = random_scene(rng)
+        image = render(scene, rng)
+        caption = scene.caption()
+        assert caption.split()[0] == {1: "an" if caption.split()[1][0] in "aeiou" else "a", 2: "two", 3: "three"}[scene.count]
+        assert f"{scene.colour} {scene.shape}" in caption and f"{scene.texture} {scene.background} background" in caption
+        # the object's colour is at its centre, the background's colour is in the image
+        cx, cy = (int(round(v)) for v in scene.centres[0])
+        assert tuple(image[cy, cx]) == COLOURS[scene.colour]
+        assert (image.reshape(-1, 3) == COLOURS[scene.background]).all(axis=1).any()
+
+
+def test_patterned_backgrounds_are_less_compressible_than_plain():
+    images, scenes = make_batch(np.random.default_rng(1), 200)
+    sizes = jpeg_sizes_kb(images)
+    plain = np.array([s.texture == "plain" for s in scenes])
+    assert sizes[~plain].mean() > 1.4 * sizes[plain].mean()
+
+
+def test_captions_include_partial_and_empty_ones():
+    rng = np.random.default_rng(2)
+    scene = random_scene(rng)
+    captions = {sample_caption(scene, rng) for _ in range(200)}
+    assert "" in captions and scene.caption() in captions
+    assert any("background" not in c and c for c in captions)
+
+
+def test_tiny_prompt_sets():
+    assert len(TINY_SHAPES) == 72 and len(set(TINY_SHAPES)) == 72
+    assert "two red circles" in TINY_SHAPES and "a green diamond" in TINY_SHAPES_HELD_OUT
+    assert "an orange circle" in TINY_SHAPES and "a large orange circle" not in TINY_SHAPES
+    assert not any("diamond" in p for p in TINY_SHAPES)
