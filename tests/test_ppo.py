@@ -71,8 +71,11 @@ def test_train_epoch_moves_log_probs_with_the_advantage_and_only_lora(tiny_pipe)
         tiny_pipe, prompts, num_steps=3, guidance_scale=1.0, eta=1.0, resolution=64,
         generator=torch.Generator().manual_seed(0),
     )
-    # a wide clip range and a large step, so one update visibly moves the log-probs
-    train = TrainConfig(batch_size=2, learning_rate=3e-3, clip_range=10.0, adam_weight_decay=0.0)
+    # A wide clip range so the ratio is never clipped, and a step small enough for first-order
+    # behaviour: Adam's first step moves every weight by ~lr (sign descent), and at lr 3e-3 that
+    # overshoots on this pair of same-prompt samples (measured: both log-probs fell). At 1e-4
+    # the changes are ~1e-3, well above float noise.
+    train = TrainConfig(batch_size=2, learning_rate=1e-4, clip_range=10.0, adam_weight_decay=0.0)
     advantages = torch.tensor([1.0, -1.0])
     metrics = train_epoch(
         tiny_pipe.unet, tiny_pipe.scheduler, make_optimizer(params, train), params, traj, advantages,
@@ -89,6 +92,7 @@ def test_train_epoch_moves_log_probs_with_the_advantage_and_only_lora(tiny_pipe)
             ) for j in range(traj.num_steps)
         ], dim=1)
     change = (new - traj.log_probs).sum(dim=1)
+    assert float(advantages @ change) > 0, change  # the surrogate objective rose
     assert change[0] > 0 > change[1], change  # A>0 became likelier, A<0 less likely
     for name, param in tiny_pipe.unet.named_parameters():
         if "lora_" not in name:
