@@ -38,3 +38,25 @@ def compute_rewards(
         info[name] = values
         total += weight * values
     return total, info
+
+
+def llava_bertscore_rewards(
+    captioner: Callable[[list[np.ndarray]], list[str]],
+    bertscore: Callable[[Sequence[str], Sequence[str]], tuple[np.ndarray, np.ndarray, np.ndarray]],
+    images: np.ndarray | Sequence[np.ndarray],
+    prompts: Sequence[str],
+    reference_template: str = "The image contains {prompt}",
+) -> tuple[np.ndarray, dict[str, list]]:
+    """The alignment reward in one process (a `captioner.Captioner` and a `bertscore.BertScore`).
+
+    What the llava_bertscore application computes across its deployments: BERTScore recall of
+    each caption against `reference_template`, with captions and P/R/F1 as `info`.
+    """
+    from reward_services.alignment import alignment_result, references_for
+
+    images = list(images)
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts; expected one prompt per image")
+    captions = captioner(images)
+    precision, recall, f1 = bertscore(captions, references_for(prompts, reference_template))
+    return alignment_result(captions, precision, recall, f1)
