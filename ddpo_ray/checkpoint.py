@@ -3,15 +3,20 @@
 checkpoints/epoch_NNNN/
     pytorch_lora_weights.safetensors  (use_lora) `pipe.load_lora_weights(dir)` loads it
     unet/                             (full fine-tune) `UNet2DConditionModel.from_pretrained`
-    trainer_state.pt                  trainable weights, optimizer, advantage tracker, epoch,
-                                      policy version, RNG state
+    learner_state.pt                  trainable weights and optimizer (written by the learner)
+    run_state.pt                      epoch, policy version, advantage tracker, RNG state
+                                      (written by whoever runs the epoch loop)
     COMPLETE                          written last; a checkpoint without it is ignored
+
+The two state files are separate because, in the distributed system, the learner (a Ray Train
+worker) owns the weights and optimizer while the driver owns the tracker and the epoch count.
+The single-process loop writes both with `save_checkpoint`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -20,7 +25,56 @@ from ddpo_ray.advantages import AdvantageEstimator
 from ddpo_ray.models import lora_state_dict, load_lora_state_dict, save_lora
 from ddpo_ray.run_dir import RunDirectory
 
-TRAINER_STATE = "trainer_state.pt"
+LEARNER_STATE = "learner_state.pt"
+RUN_STATE = "run_state.pt"
+
+
+def trainable_state_dict(unet: UNet2DConditionModel, use_lora: bool) -> dict[str, torch.Tensor]:
+    """What trains (and what samplers need): the LoRA weights, or the whole UNet."""
+    if use_lora:
+        return lora_state_dict(unet)
+    return {k: v.detach().to("cpu", copy=True) for k, v in unet.state_dict().items()}
+
+
+def load_trainable_state_dict(
+    unet: UNet2DConditionModel, use_lora: bool, state_dict: Mapping[str, torch.Tensor]
+) -> None:
+    if use_lora:
+        load_lora_state_dict(unet, dict(state_dict))
+    else:
+        unet.load_state_dict(state_dict)
+
+
+def save_learner_state(
+    directory: Path, unet: UNet2DConditionModel, use_lora: bool, optimizer: torch.optim.Optimizer
+) -> None:
+    """The learner's half: the policy in diffusers' format, plus weights and optimizer state."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if use_lora:
+        save_lora(unet, directory)
+    else:
+        unet.save_pretrained(directory / "unet")
+    state = {
+        "use_lora": use_lora,
+        "weights": trainable_state_dict(unet, use_lora),
+        "optimizer": optimizer.state_dict(),
+    }
+    torch.save(state, directory / LEARNER_STATE)
+
+
+def save_run_state(
+    directory: Path, epoch: int, policy_version: int, advantages: Mapping[str, Any], **extra: Any
+) -> None:
+    """The loop's half: where the run is (epoch, policy version) and the advantage tracker."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "epoch": epoch,
+        "policy_version": policy_version,
+        "advantages": dict(advantages),
+        "torch_rng": torch.random.get_rng_state(),
+        **extra,
+    }
+    torch.save(state, directory / RUN_STATE)
 
 
 def save_checkpoint(
@@ -32,25 +86,10 @@ def save_checkpoint(
     advantages: AdvantageEstimator,
     policy_version: int,
 ) -> Path:
-    """Write the checkpoint for the end of `epoch`; returns its directory."""
+    """Write the whole checkpoint for the end of `epoch` (single process); returns its directory."""
     directory = run_dir.checkpoint_path(epoch)
-    directory.mkdir(parents=True, exist_ok=True)
-    if use_lora:
-        save_lora(unet, directory)
-        weights = lora_state_dict(unet)
-    else:
-        unet.save_pretrained(directory / "unet")
-        weights = {k: v.detach().cpu() for k, v in unet.state_dict().items()}
-    state = {
-        "epoch": epoch,
-        "policy_version": policy_version,
-        "use_lora": use_lora,
-        "weights": weights,
-        "optimizer": optimizer.state_dict(),
-        "advantages": advantages.state_dict(),
-        "torch_rng": torch.random.get_rng_state(),
-    }
-    torch.save(state, directory / TRAINER_STATE)
+    save_learner_state(directory, unet, use_lora, optimizer)
+    save_run_state(directory, epoch, policy_version, advantages.state_dict())
     run_dir.mark_checkpoint_complete(epoch)
     return directory
 
@@ -63,7 +102,7 @@ def resolve_resume_path(resume_from: str, run_dir: RunDirectory) -> Path:
             raise FileNotFoundError(f"resume_from='latest': no complete checkpoint under {run_dir.checkpoints_dir}")
         return latest
     path = Path(resume_from).expanduser()
-    if (path / TRAINER_STATE).is_file():
+    if (path / RUN_STATE).is_file() and (path / LEARNER_STATE).is_file():
         return path
     if (path / "checkpoints").is_dir():
         latest = RunDirectory(path).latest_checkpoint()
@@ -71,8 +110,31 @@ def resolve_resume_path(resume_from: str, run_dir: RunDirectory) -> Path:
             return latest
     raise FileNotFoundError(
         f"resume_from={resume_from!r}: expected 'latest', a run directory with complete checkpoints, "
-        f"or a checkpoint directory containing {TRAINER_STATE}"
+        f"or a checkpoint directory containing {LEARNER_STATE} and {RUN_STATE}"
     )
+
+
+def read_learner_state(path: Path) -> dict[str, Any]:
+    return torch.load(Path(path) / LEARNER_STATE, map_location="cpu", weights_only=False)
+
+
+def load_learner_state(
+    path: Path, unet: UNet2DConditionModel, use_lora: bool, optimizer: torch.optim.Optimizer
+) -> None:
+    """Restore the trainable weights and the optimizer in place."""
+    state = read_learner_state(path)
+    if state["use_lora"] != use_lora:
+        raise ValueError(f"checkpoint {path} has use_lora={state['use_lora']}, the config has {use_lora}")
+    load_trainable_state_dict(unet, use_lora, state["weights"])
+    optimizer.load_state_dict(state["optimizer"])
+
+
+def load_run_state(path: Path, advantages: AdvantageEstimator) -> dict[str, Any]:
+    """Restore the tracker and the RNG in place; returns the saved state (epoch, policy_version, ...)."""
+    state = torch.load(Path(path) / RUN_STATE, map_location="cpu", weights_only=False)
+    advantages.load_state_dict(state["advantages"])
+    torch.random.set_rng_state(state["torch_rng"])
+    return state
 
 
 def load_checkpoint(
@@ -82,15 +144,6 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     advantages: AdvantageEstimator,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer and tracker in place; returns the saved state (epoch, ...)."""
-    state = torch.load(Path(path) / TRAINER_STATE, map_location="cpu", weights_only=False)
-    if state["use_lora"] != use_lora:
-        raise ValueError(f"checkpoint {path} has use_lora={state['use_lora']}, the config has {use_lora}")
-    if use_lora:
-        load_lora_state_dict(unet, state["weights"])
-    else:
-        unet.load_state_dict(state["weights"])
-    optimizer.load_state_dict(state["optimizer"])
-    advantages.load_state_dict(state["advantages"])
-    torch.random.set_rng_state(state["torch_rng"])
-    return state
+    """Restore everything in place (single process); returns the run state (epoch, ...)."""
+    load_learner_state(path, unet, use_lora, optimizer)
+    return load_run_state(path, advantages)

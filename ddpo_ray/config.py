@@ -114,6 +114,8 @@ class RewardConfig(_Section):
     weights: dict[str, float] | None = Field(
         None, description="a weighted sum {reward_name: weight}; use instead of name"
     )
+    timeout_s: float = Field(300.0, gt=0.0, description="a batch's rewards must arrive within this")
+    max_retries: int = Field(2, ge=0, description="resends of a batch whose reward replica died")
 
     @model_validator(mode="after")
     def _one_of_name_or_weights(self) -> "RewardConfig":
@@ -134,8 +136,15 @@ class RewardConfig(_Section):
 class ClusterConfig(_Section):
     num_samplers: int = Field(1, ge=1)
     gpus_per_sampler: float = Field(0.0, ge=0.0)
+    cpus_per_sampler: float = Field(1.0, gt=0.0, description="also its torch threads (at least 1)")
+    sampler_resources: dict[str, float] = Field(
+        default_factory=dict, description='extra Ray resources per sampler, e.g. {"sampler_node": 1}'
+    )
+    sampler_max_restarts: int = Field(3, ge=-1, description="-1: restart without limit")
     learner_workers: int = Field(1, ge=1)
     gpus_per_learner_worker: float = Field(0.0, ge=0.0)
+    cpus_per_learner_worker: float = Field(1.0, gt=0.0, description="also its torch threads (at least 1)")
+    learner_max_failures: int = Field(2, ge=-1, description="worker-group restarts (Ray Train FailureConfig)")
     staleness: int = Field(0, ge=0, le=1, description="0: exact DDPO; 1: sample while training")
 
 

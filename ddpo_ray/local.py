@@ -15,61 +15,18 @@ import sys
 import time
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from ddpo_ray.advantages import AdvantageEstimator
 from ddpo_ray.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
 from ddpo_ray.config import ConfigError, DDPOConfig, add_config_arguments, config_from_args
-from ddpo_ray.diffusion import Trajectories, sample_trajectories
-from ddpo_ray.models import compute_dtype, load_pipeline, trainable_parameters
-from ddpo_ray.ppo import make_optimizer, train_epoch
+from ddpo_ray.diffusion import Trajectories
+from ddpo_ray.epoch_steps import checkpoint_due, format_progress, sample_batch, summary, train_inner_epochs
+from ddpo_ray.models import load_pipeline, trainable_parameters
+from ddpo_ray.ppo import make_optimizer
 from ddpo_ray.prompts import PromptSampler, get_prompts
 from ddpo_ray.run_dir import RunDirectory
-from ddpo_ray.seeding import SAMPLING, TRAINING, make_generator
 from reward_services.functions import compute_rewards
-
-
-def sample_batch(
-    pipe, cfg: DDPOConfig, prompts: Sequence[str], epoch: int, batch_index: int, policy_version: int
-) -> Trajectories:
-    """Sampling batch `batch_index` of `epoch`; its noise depends only on (seed, epoch, batch)."""
-    generator = make_generator(cfg.seed, SAMPLING, epoch, batch_index, device=pipe.unet.device)
-    return sample_trajectories(
-        pipe,
-        prompts,
-        num_steps=cfg.sample.num_steps,
-        guidance_scale=cfg.sample.guidance_scale,
-        eta=cfg.sample.eta,
-        resolution=cfg.sample.resolution,
-        generator=generator,
-        compute_dtype=compute_dtype(cfg.model.mixed_precision),
-        policy_version=policy_version,
-    )
-
-
-def train_guidance_scale(cfg: DDPOConfig) -> float:
-    """The CFG weight log-probs are recomputed with: the sampling one if train.cfg, else none."""
-    return cfg.sample.guidance_scale if cfg.train.cfg else 1.0
-
-
-def _summary(name: str, values: np.ndarray) -> dict[str, float]:
-    return {
-        f"{name}_mean": float(np.mean(values)),
-        f"{name}_std": float(np.std(values)),
-        f"{name}_min": float(np.min(values)),
-        f"{name}_max": float(np.max(values)),
-    }
-
-
-def format_progress(metrics: dict[str, Any]) -> str:
-    return (
-        f"epoch {metrics['epoch']:4d} | samples {metrics['samples']:4d} | "
-        f"reward {metrics['reward_mean']:+.4f} +- {metrics['reward_std']:.4f} | "
-        f"kl {metrics['approx_kl']:.2e} clipfrac {metrics['clipfrac']:.3f} | "
-        f"time sample {metrics['time_sampling']:.1f}s reward {metrics['time_reward']:.1f}s "
-        f"train {metrics['time_training']:.1f}s"
-    )
 
 
 def run(cfg: DDPOConfig, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
@@ -82,7 +39,6 @@ def run(cfg: DDPOConfig, device: str | torch.device = "cpu") -> list[dict[str, A
     pipe = load_pipeline(cfg.model, device)
     params = trainable_parameters(pipe.unet, cfg.model.use_lora, cfg.model.lora_rank, seed=cfg.seed)
     optimizer = make_optimizer(params, cfg.train)
-    dtype = compute_dtype(cfg.model.mixed_precision)
     advantage_fn = AdvantageEstimator(cfg.advantage.mode, cfg.advantage.buffer_size, cfg.advantage.min_count)
     prompt_sampler = PromptSampler(get_prompts(cfg.prompts.name), cfg.sample.samples_per_prompt, cfg.seed)
     reward_weights = cfg.reward.components()
@@ -119,34 +75,25 @@ def run(cfg: DDPOConfig, device: str | torch.device = "cpu") -> list[dict[str, A
 
         # 4. PPO: num_inner_epochs passes over the epoch's trajectories
         start = time.perf_counter()
-        advantages_t = torch.as_tensor(advantages, dtype=torch.float32)
-        inner_metrics = []
-        for inner in range(cfg.train.num_inner_epochs):
-            inner_metrics.append(train_epoch(
-                pipe.unet, pipe.scheduler, optimizer, params, trajectories, advantages_t, cfg.train,
-                guidance_scale=train_guidance_scale(cfg),
-                eta=cfg.sample.eta,
-                generator=make_generator(cfg.seed, TRAINING, epoch, inner),
-                compute_dtype=dtype,
-            ))
+        train_metrics = train_inner_epochs(
+            pipe.unet, pipe.scheduler, optimizer, params, trajectories,
+            torch.as_tensor(advantages, dtype=torch.float32), cfg, epoch,
+        )
         policy_version += 1
         time_training = time.perf_counter() - start
 
         # 5. record the epoch
         metrics: dict[str, Any] = {"epoch": epoch, "samples": len(trajectories), "policy_version": policy_version}
-        metrics.update(_summary("reward", rewards))
-        metrics.update({k: v for k, v in _summary("advantage", advantages).items() if not k.endswith(("min", "max"))})
-        for key in inner_metrics[0]:
-            metrics[key] = float(np.mean([m[key] for m in inner_metrics]))
-        metrics["first_inner_ratio_max_dev"] = inner_metrics[0]["ratio_max_dev"]
+        metrics.update(summary("reward", rewards))
+        metrics.update(summary("advantage", advantages, extremes=False))
+        metrics.update(train_metrics)
         metrics.update(time_sampling=time_sampling, time_reward=time_reward, time_training=time_training)
         metrics["time_epoch"] = time.perf_counter() - epoch_start
         run_dir.append_metrics(metrics)
         history.append(metrics)
         run_dir.save_sample_grid(epoch, trajectories.images.numpy(), trajectories.prompts, rewards.tolist())
         run_dir.save_reward_curve(history)
-        last = epoch == cfg.num_epochs - 1
-        if last or (cfg.save_freq and (epoch + 1) % cfg.save_freq == 0):
+        if checkpoint_due(cfg, epoch):
             save_checkpoint(run_dir, epoch, pipe.unet, cfg.model.use_lora, optimizer, advantage_fn, policy_version)
         print(format_progress(metrics), flush=True)
 

@@ -125,6 +125,9 @@ def train_epoch(
 
     totals: dict[str, float] = {}
     ratio_max_dev = 0.0
+    # Before the first optimizer step the weights are those that sampled (at staleness 0), so
+    # every ratio there must be exactly 1: the key check that training scores what sampling drew.
+    ratio_dev_before_update = 0.0
     grad_norms: list[float] = []
     count = 0
     for m in range(num_minibatches):
@@ -153,6 +156,8 @@ def train_epoch(
             for key, value in stats.items():
                 if key == "ratio_max_dev":
                     ratio_max_dev = max(ratio_max_dev, float(value))
+                    if not grad_norms:
+                        ratio_dev_before_update = max(ratio_dev_before_update, float(value))
                 else:
                     totals[key] = totals.get(key, 0.0) + float(value)
             count += 1
@@ -165,6 +170,7 @@ def train_epoch(
     unet.eval()
     metrics = {key: value / count for key, value in totals.items()}
     metrics["ratio_max_dev"] = ratio_max_dev
+    metrics["ratio_dev_before_update"] = ratio_dev_before_update
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     metrics["optimizer_steps"] = float(len(grad_norms))
     return metrics

@@ -74,7 +74,7 @@ def serve_instance():
         if ray.is_initialized():
             pytest.fail("a Ray cluster is already running in this process; the reward tests start their own")
         port = _free_port()
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         _instance = ServeInstance(
             http_url=f"http://127.0.0.1:{port}", gcs_address=ray.get_runtime_context().gcs_address

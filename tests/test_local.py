@@ -24,9 +24,10 @@ def test_loop_writes_the_run_directory_and_a_loadable_lora(tmp_path):
     lines = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [0, 1]
     assert lines[0]["samples"] == 8 and lines[1]["policy_version"] == 2
-    assert lines[0]["first_inner_ratio_max_dev"] < 1e-5  # the PPO ratio starts at exactly 1
+    assert lines[0]["ratio_dev_before_update"] < 1e-5  # the PPO ratio starts at exactly 1
     for name in ("config.yaml", "reward_curve.png", "samples/epoch_0000.png", "samples/epoch_0001.png",
-                 "checkpoints/epoch_0001/COMPLETE", "checkpoints/epoch_0001/trainer_state.pt"):
+                 "checkpoints/epoch_0001/COMPLETE", "checkpoints/epoch_0001/learner_state.pt",
+                 "checkpoints/epoch_0001/run_state.pt"):
         assert (root / name).is_file(), name
 
     pipe = load_tiny_pipeline()

@@ -1,0 +1,117 @@
+"""The rendezvous between the driver and the learner: epochs go in, policy versions come out.
+
+Ray Train is pull-based: nothing calls into a running training function. So the driver puts
+each epoch's shards here (object refs to the samplers' trajectories, plus the advantages, one
+shard per learner worker) and every learner worker pulls its own; learner rank 0 puts each new
+policy version (a `PolicyWeights`, one object-store copy) and its training metrics here and the
+driver pulls them.
+
+Shards stay until the epoch is covered by a learner checkpoint: a Ray Train worker group that
+restarts after a failure resumes from its last checkpoint and pulls those epochs again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+
+from ddpo_ray.weight_sync import PolicyWeights
+
+
+@dataclass
+class EpochShard:
+    """One learner worker's part of an epoch: rows of the samplers' trajectory batches.
+
+    `parts` holds (ObjectRef to a Trajectories batch, first row, end row); the refs sit inside
+    a list so Ray passes them by reference and the worker fetches them itself.
+    """
+
+    epoch: int
+    parts: list[tuple[Any, int, int]]
+    advantages: np.ndarray  # (rows,) float32, in the order of the parts' rows
+
+    @property
+    def num_samples(self) -> int:
+        return sum(stop - start for _, start, stop in self.parts)
+
+
+@dataclass
+class PublishedPolicy:
+    weights: PolicyWeights
+    metrics: dict[str, Any] = field(default_factory=dict)  # the training metrics of the epoch that made it
+
+
+@ray.remote(num_cpus=0)
+class EpochExchange:
+    """An async actor; every wait is an asyncio wait, so one call never blocks another."""
+
+    def __init__(self) -> None:
+        self._shards: dict[int, list[EpochShard]] = {}
+        self._policies: dict[int, PublishedPolicy] = {}
+        self._checkpointed: dict[int, str] = {}  # epoch -> checkpoint directory
+        self._changed = asyncio.Condition()
+        self._stopped = False
+        self._error: str | None = None
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _wait_for(self, predicate, timeout_s: float | None):
+        async with self._changed:
+            await asyncio.wait_for(self._changed.wait_for(predicate), timeout_s)
+
+    # --- driver -> learner ---------------------------------------------------------------
+    async def put_epoch(self, epoch: int, shards: list[EpochShard]) -> None:
+        self._shards[epoch] = shards
+        await self._notify()
+
+    async def get_shard(self, epoch: int, rank: int, timeout_s: float | None = None) -> EpochShard | None:
+        """Worker `rank`'s shard of `epoch`, waiting for it; None when the run is stopping."""
+        await self._wait_for(lambda: epoch in self._shards or self._stopped, timeout_s)
+        if epoch not in self._shards:
+            return None
+        return self._shards[epoch][rank]
+
+    async def stop(self) -> None:
+        """No more epochs: workers waiting for one get None and finish."""
+        self._stopped = True
+        await self._notify()
+
+    # --- learner -> driver ---------------------------------------------------------------
+    async def put_policy(self, weights: PolicyWeights, metrics: dict[str, Any]) -> None:
+        # A worker group restarted from a checkpoint publishes versions again: keep the newest,
+        # whose object-store copy has a live owner (the old group's copies died with it).
+        self._policies[weights.version] = PublishedPolicy(weights, metrics)
+        await self._notify()
+
+    async def get_policy(self, version: int, timeout_s: float | None = None) -> PublishedPolicy:
+        """Policy `version`, waiting for it; raises if the learner failed first."""
+        await self._wait_for(lambda: version in self._policies or self._error is not None, timeout_s)
+        if version not in self._policies:
+            raise RuntimeError(f"the learner failed before publishing policy version {version}: {self._error}")
+        return self._policies[version]
+
+    async def put_checkpoint(self, epoch: int, directory: str) -> None:
+        """The learner's half of checkpoint `epoch` is written; older shards are no longer needed."""
+        self._checkpointed[epoch] = directory
+        for old in [e for e in self._shards if e <= epoch]:
+            del self._shards[old]
+        for old in [v for v in self._policies if v < epoch]:
+            del self._policies[old]  # drops the last reference to old weights in the object store
+        await self._notify()
+
+    async def get_checkpoint(self, epoch: int, timeout_s: float | None = None) -> str:
+        await self._wait_for(lambda: epoch in self._checkpointed or self._error is not None, timeout_s)
+        if epoch not in self._checkpointed:
+            raise RuntimeError(f"the learner failed before checkpointing epoch {epoch}: {self._error}")
+        return self._checkpointed[epoch]
+
+    async def fail(self, error: str) -> None:
+        """The learner gave up (its fit() raised): wake every waiter with the reason."""
+        self._error = error
+        await self._notify()
