@@ -1,0 +1,150 @@
+"""End-to-end benchmark: the Ray system against the single-process loop, on `tiny`.
+
+(a) epoch time of `run_distributed` (1 sampler, 1 learner worker, staleness 0) vs
+    `ddpo_ray.local.run` doing the same work (target: <= 1.15x); both get the machine's CPUs
+    as torch threads (the sampler and the learner alternate at staleness 0);
+(b) staleness 1 vs 0: wall time per epoch of the Ray system;
+(c) weight-sync latency: publish a LoRA of rank 4 / 16 / 64 once, 1 / 2 / 4 samplers fetch it
+    and load it into their UNet; time from publish to all loaded;
+(d) the time split per phase of the Ray run (sampling, waiting for rewards, training, sync).
+The first epoch of each run (start-up, warm-up) is left out of epoch times. Prints figures;
+writes JSON.
+
+    python bench/e2e.py                  # 4 epochs per run, a few minutes on 2 cores
+    python bench/e2e.py --epochs 6 --skip-sync
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from ddpo_ray.config import build_config
+from ddpo_ray.driver import run_distributed
+from ddpo_ray.local import run as run_local
+from reward_services.client import ensure_reward_apps
+
+
+def steady_epoch_time(history: list[dict]) -> float:
+    return statistics.median(m["time_epoch"] for m in history[1:])
+
+
+def wall_per_epoch(history: list[dict], total: float) -> float:
+    return total / len(history)
+
+
+@ray.remote(num_cpus=0.5)
+class SyncProbe:
+    """A tiny UNet with a LoRA of the given rank, loading published weights like a sampler does."""
+
+    def __init__(self, rank: int):
+        from ddpo_ray.config import ModelConfig
+        from ddpo_ray.models import load_pipeline, trainable_parameters
+
+        torch.set_num_threads(1)
+        self.unet = load_pipeline(ModelConfig(pretrained="tiny-random")).unet
+        trainable_parameters(self.unet, True, rank)
+
+    def apply(self, weights) -> float:
+        from ddpo_ray.checkpoint import load_trainable_state_dict
+        from ddpo_ray.weight_sync import ObjectStoreTransport
+
+        load_trainable_state_dict(self.unet, True, ObjectStoreTransport().fetch(weights))
+        return time.time()
+
+
+def sync_latency(rank: int, num_samplers: int, repeats: int = 5) -> dict:
+    from ddpo_ray.checkpoint import trainable_state_dict
+    from ddpo_ray.config import ModelConfig
+    from ddpo_ray.models import load_pipeline, trainable_parameters
+    from ddpo_ray.weight_sync import ObjectStoreTransport
+
+    unet = load_pipeline(ModelConfig(pretrained="tiny-random")).unet
+    trainable_parameters(unet, True, rank)
+    state = trainable_state_dict(unet, True)
+    probes = [SyncProbe.remote(rank) for _ in range(num_samplers)]
+    ray.get([p.apply.remote(ObjectStoreTransport().publish(state, 0)) for p in probes])  # warm up
+    times = []
+    for version in range(1, repeats + 1):
+        start = time.time()
+        weights = ObjectStoreTransport().publish(state, version)
+        done = ray.get([p.apply.remote(weights) for p in probes])
+        times.append(max(done) - start)
+    for p in probes:
+        ray.kill(p)
+    return {"lora_rank": rank, "samplers": num_samplers, "bytes": weights.num_bytes,
+            "latency_ms_median": 1000 * statistics.median(times)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--skip-sync", action="store_true")
+    parser.add_argument("--out", default="bench/results/e2e.json")
+    args = parser.parse_args()
+    cpus = os.cpu_count() or 2
+    work = [f"num_epochs={args.epochs}", "save_freq=0", "cluster.num_samplers=1",
+            f"cluster.cpus_per_sampler={cpus}", f"cluster.cpus_per_learner_worker={cpus}"]
+    results: dict = {"cpus": cpus, "epochs": args.epochs}
+    with tempfile.TemporaryDirectory() as tmp:
+        ray.init(num_cpus=2 * cpus + 4, include_dashboard=False, log_to_driver=False)
+        from ray import serve
+
+        serve.start(http_options={"host": "127.0.0.1", "port": 0})
+        ensure_reward_apps(["jpeg_compressibility"])
+
+        torch.set_num_threads(cpus)
+        start = time.perf_counter()
+        local = run_local(build_config(overrides=[*work, f"output_dir={tmp}", "run_name=local"]))
+        local_total = time.perf_counter() - start
+        runs = {}
+        for staleness in (0, 1):
+            start = time.perf_counter()
+            history = run_distributed(build_config(overrides=[
+                *work, f"cluster.staleness={staleness}", f"output_dir={tmp}", f"run_name=ray{staleness}"]))
+            runs[staleness] = (history, time.perf_counter() - start)
+
+        ray0, ray0_total = runs[0]
+        ray1, ray1_total = runs[1]
+        results["epoch_time_local_s"] = steady_epoch_time(local)
+        results["epoch_time_ray_s"] = steady_epoch_time(ray0)
+        results["ray_vs_local"] = results["epoch_time_ray_s"] / results["epoch_time_local_s"]
+        results["wall_per_epoch_local_s"] = wall_per_epoch(local, local_total)
+        results["wall_per_epoch_ray_staleness0_s"] = wall_per_epoch(ray0, ray0_total)
+        results["wall_per_epoch_ray_staleness1_s"] = wall_per_epoch(ray1, ray1_total)
+        results["staleness1_vs_0_wall"] = ray1_total / ray0_total
+        phases = ("time_sampling", "time_reward", "time_training", "time_weight_sync", "time_waiting_for_learner")
+        results["phases_ray_staleness0_s"] = {k: statistics.median(m[k] for m in ray0[1:]) for k in phases}
+        results["phases_local_s"] = {k: statistics.median(m[k] for m in local[1:])
+                                     for k in ("time_sampling", "time_reward", "time_training")}
+        if not args.skip_sync:
+            results["weight_sync"] = [sync_latency(r, n) for r in (4, 16, 64) for n in (1, 2, 4)]
+        ray.shutdown()
+
+    print(f"epoch time (steady, median): local {results['epoch_time_local_s']:.2f}s, "
+          f"ray staleness 0 {results['epoch_time_ray_s']:.2f}s -> {results['ray_vs_local']:.3f}x (target <= 1.15)")
+    print(f"wall per epoch incl. start-up: local {results['wall_per_epoch_local_s']:.2f}s, ray s0 "
+          f"{results['wall_per_epoch_ray_staleness0_s']:.2f}s, ray s1 {results['wall_per_epoch_ray_staleness1_s']:.2f}s "
+          f"(s1/s0 {results['staleness1_vs_0_wall']:.3f}x)")
+    print("phases, ray staleness 0 (median s):", {k: round(v, 3) for k, v in results["phases_ray_staleness0_s"].items()})
+    print("phases, local (median s):", {k: round(v, 3) for k, v in results["phases_local_s"].items()})
+    for row in results.get("weight_sync", []):
+        print(f"weight sync: LoRA rank {row['lora_rank']:3d} ({row['bytes'] / 1e3:.0f} kB) to {row['samplers']} "
+              f"sampler(s): {row['latency_ms_median']:.1f} ms")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
