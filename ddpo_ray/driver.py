@@ -21,7 +21,6 @@ import copy
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -171,12 +170,3 @@ def run_distributed(
         learner.abort()
     return history
 
-
-def summarize_run(history: list[dict[str, Any]], run_root: Path) -> str:
-    if not history:
-        return f"done: nothing to do; run directory {run_root}"
-    first, last = history[0], history[-1]
-    return (
-        f"done: {len(history)} epochs, reward {first['reward_mean']:+.4f} -> {last['reward_mean']:+.4f}; "
-        f"run directory {run_root}"
-    )

@@ -102,6 +102,17 @@ def format_progress(metrics: dict) -> str:
     return line
 
 
+def format_summary(history: list[dict], run_root: str) -> str:
+    """The last line both loops print."""
+    if not history:
+        return f"done: nothing to do; run directory {run_root}"
+    first, last = history[0], history[-1]
+    return (
+        f"done: {len(history)} epochs, reward {first['reward_mean']:+.4f} -> {last['reward_mean']:+.4f}; "
+        f"run directory {run_root}"
+    )
+
+
 def checkpoint_due(cfg: DDPOConfig, epoch: int) -> bool:
     """Checkpoint after `epoch`? Every `save_freq` epochs (0: never) and always after the last."""
     return epoch == cfg.num_epochs - 1 or bool(cfg.save_freq and (epoch + 1) % cfg.save_freq == 0)

@@ -33,8 +33,8 @@ from ddpo_ray.exchange import EpochExchange, EpochShard, PublishedPolicy
 from ddpo_ray.models import load_pipeline, trainable_parameters
 from ddpo_ray.ppo import make_optimizer
 from ddpo_ray.run_dir import RunDirectory
-from ddpo_ray.sampler import torch_threads_for
 from ddpo_ray.weight_sync import ObjectStoreTransport
+from reward_services.runtime import match_torch_threads_to_cpus
 
 LEARNER_EPOCH_FILE = "learner_epoch.json"  # inside a checkpoint: the epoch the learner state ends
 
@@ -73,7 +73,7 @@ def learner_loop(config: dict[str, Any]) -> None:
     run_dir = RunDirectory(config["run_dir"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(torch_threads_for(cfg.cluster.cpus_per_learner_worker))
+    match_torch_threads_to_cpus()  # one torch thread per CPU this worker reserved
     device = ray.train.torch.get_device()
 
     pipe = load_pipeline(cfg.model, device, seed=cfg.seed)

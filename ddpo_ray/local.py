@@ -21,7 +21,7 @@ from ddpo_ray.advantages import AdvantageEstimator
 from ddpo_ray.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint
 from ddpo_ray.config import ConfigError, DDPOConfig, add_config_arguments, config_from_args
 from ddpo_ray.diffusion import Trajectories
-from ddpo_ray.epoch_steps import checkpoint_due, format_progress, sample_batch, summary, train_inner_epochs
+from ddpo_ray.epoch_steps import checkpoint_due, format_progress, format_summary, sample_batch, summary, train_inner_epochs
 from ddpo_ray.models import load_pipeline, trainable_parameters
 from ddpo_ray.ppo import make_optimizer
 from ddpo_ray.prompts import PromptSampler, get_prompts
@@ -111,10 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if cfg.run_name is None:
+        cfg.run_name = cfg.resolved_run_name()  # one name for the whole run (it is time-stamped)
     history = run(cfg, args.device)
-    if history:
-        first, last = history[0], history[-1]
-        print(f"done: {len(history)} epochs, reward {first['reward_mean']:+.4f} -> {last['reward_mean']:+.4f}")
+    print(format_summary(history, f"{cfg.output_dir}/{cfg.resolved_run_name()}"))
     return 0
 
 

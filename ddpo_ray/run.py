@@ -52,8 +52,9 @@ def connect(address: str | None, cfg: DDPOConfig, serve_port: int) -> bool:
         ray.init(address=address)
         print(f"connected to the Ray cluster at {address}", flush=True)
     else:
-        ray.init(num_cpus=local_cluster_cpus(cfg))
-        print(f"started a local Ray cluster ({local_cluster_cpus(cfg)} logical CPUs)", flush=True)
+        num_cpus = local_cluster_cpus(cfg)
+        ray.init(num_cpus=num_cpus)
+        print(f"started a local Ray cluster ({num_cpus} logical CPUs)", flush=True)
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": serve_port})
     return not address
 
@@ -78,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from ddpo_ray.driver import run_distributed, summarize_run
+    from ddpo_ray.driver import run_distributed
+    from ddpo_ray.epoch_steps import format_summary
     from reward_services.client import ensure_reward_apps, shutdown_reward_apps
 
     started_cluster = connect(args.address, cfg, args.serve_port)
@@ -88,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if started_apps:
             print(f"deployed reward applications: {', '.join(started_apps)}", flush=True)
         history = run_distributed(cfg)
-        print(summarize_run(history, f"{cfg.output_dir}/{cfg.resolved_run_name()}"), flush=True)
+        print(format_summary(history, f"{cfg.output_dir}/{cfg.resolved_run_name()}"), flush=True)
     finally:
         shutdown_reward_apps(started_apps)
         if started_cluster:

@@ -16,7 +16,6 @@ another, so waiting for rewards never stops sampling.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -60,11 +59,6 @@ class ScoredBatch:
     time_sampling: float  # seconds of denoising + decoding
     time_weight_sync: float  # seconds spent loading new weights before this batch (0 if none)
     node_id: str = ""  # the Ray node that sampled it
-
-
-def torch_threads_for(num_cpus: float) -> int:
-    """One torch thread per reserved CPU (at least one): more oversubscribes the node."""
-    return max(1, math.floor(num_cpus))
 
 
 @dataclass
@@ -181,8 +175,10 @@ class Sampler:
 class SamplerActor:
     """A `Sampler` in its own process; see the module docstring for the concurrency groups."""
 
-    def __init__(self, cfg: Mapping[str, Any], sampler_id: int, num_cpus: float):
-        torch.set_num_threads(torch_threads_for(num_cpus))
+    def __init__(self, cfg: Mapping[str, Any], sampler_id: int):
+        from reward_services.runtime import match_torch_threads_to_cpus
+
+        match_torch_threads_to_cpus()  # one torch thread per CPU this actor reserved
         use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.sampler = Sampler(cfg, sampler_id, device="cuda" if use_cuda else "cpu")
 

@@ -51,7 +51,7 @@ class SamplerPool:
         )
         self.actor_names = [f"{name_prefix}-{i}" for i in range(cluster.num_samplers)]
         self.actors = [
-            SamplerActor.options(name=name, **options).remote(cfg.to_dict(), i, cluster.cpus_per_sampler)
+            SamplerActor.options(name=name, **options).remote(cfg.to_dict(), i)
             for i, name in enumerate(self.actor_names)
         ]
         ray.get([actor.ready.remote() for actor in self.actors])  # fail fast if a pipeline cannot load
