@@ -3,7 +3,9 @@
 (a) epoch time of `run_distributed` (1 sampler, 1 learner worker, staleness 0) vs
     `ddpo_ray.local.run` doing the same work (target: <= 1.15x); both get the machine's CPUs
     as torch threads (the sampler and the learner alternate at staleness 0);
-(b) staleness 1 vs 0: wall time per epoch of the Ray system;
+(b) staleness 1 vs 0: wall time per epoch of the Ray system; at staleness 1 the sampler and the
+    learner run at the same time, so each gets half the CPUs as torch threads (two processes
+    with all the cores' threads each oversubscribe them: measured 2.5x slower, not faster);
 (c) weight-sync latency: publish a LoRA of rank 4 / 16 / 64 once, 1 / 2 / 4 samplers fetch it
     and load it into their UNet; time from publish to all loaded;
 (d) the time split per phase of the Ray run (sampling, waiting for rewards, training, sync).
@@ -92,8 +94,9 @@ def main() -> int:
     parser.add_argument("--out", default="bench/results/e2e.json")
     args = parser.parse_args()
     cpus = os.cpu_count() or 2
-    work = [f"num_epochs={args.epochs}", "save_freq=0", "cluster.num_samplers=1",
-            f"cluster.cpus_per_sampler={cpus}", f"cluster.cpus_per_learner_worker={cpus}"]
+    work = [f"num_epochs={args.epochs}", "save_freq=0", "cluster.num_samplers=1"]
+    whole = [f"cluster.cpus_per_sampler={cpus}", f"cluster.cpus_per_learner_worker={cpus}"]
+    half = [f"cluster.cpus_per_sampler={max(1, cpus // 2)}", f"cluster.cpus_per_learner_worker={max(1, cpus // 2)}"]
     results: dict = {"cpus": cpus, "epochs": args.epochs}
     with tempfile.TemporaryDirectory() as tmp:
         ray.init(num_cpus=2 * cpus + 4, include_dashboard=False, log_to_driver=False)
@@ -104,13 +107,13 @@ def main() -> int:
 
         torch.set_num_threads(cpus)
         start = time.perf_counter()
-        local = run_local(build_config(overrides=[*work, f"output_dir={tmp}", "run_name=local"]))
+        local = run_local(build_config(overrides=[*work, *whole, f"output_dir={tmp}", "run_name=local"]))
         local_total = time.perf_counter() - start
         runs = {}
         for staleness in (0, 1):
             start = time.perf_counter()
             history = run_distributed(build_config(overrides=[
-                *work, f"cluster.staleness={staleness}", f"output_dir={tmp}", f"run_name=ray{staleness}"]))
+                *work, *(whole if staleness == 0 else half), f"cluster.staleness={staleness}", f"output_dir={tmp}", f"run_name=ray{staleness}"]))
             runs[staleness] = (history, time.perf_counter() - start)
 
         ray0, ray0_total = runs[0]

@@ -9,9 +9,11 @@ mid-denoising), and a sampler restarted after a crash gets the right weights wit
 The noise of a batch depends only on (seed, epoch, batch index), so a task gives the same
 trajectories on any sampler, and a re-issued task repeats exactly.
 
-`SamplerActor` is the Ray actor around it: `sample` runs in one concurrency group (one thread,
-the only one using torch, with as many torch threads as the actor's CPUs) and `rewards` in
-another, so waiting for rewards never stops sampling.
+`SamplerActor` is the Ray actor around it: `sample` runs in one concurrency group and `rewards`
+in another, so waiting for rewards never stops sampling. All torch work (loading included) goes
+through one `TorchThread` with as many torch threads as the actor's CPUs: Ray runs `__init__`
+and each concurrency group on different threads, and torch on CPU runs about 2x slower on a
+thread other than the first that used it (see `reward_services.runtime.TorchThread`).
 """
 
 from __future__ import annotations
@@ -176,15 +178,15 @@ class SamplerActor:
     """A `Sampler` in its own process; see the module docstring for the concurrency groups."""
 
     def __init__(self, cfg: Mapping[str, Any], sampler_id: int):
-        from reward_services.runtime import match_torch_threads_to_cpus
+        from reward_services.runtime import TorchThread
 
-        match_torch_threads_to_cpus()  # one torch thread per CPU this actor reserved
+        self.torch = TorchThread("sampler")  # one torch thread per CPU this actor reserved
         use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
-        self.sampler = Sampler(cfg, sampler_id, device="cuda" if use_cuda else "cpu")
+        self.sampler = self.torch.call(Sampler, cfg, sampler_id, device="cuda" if use_cuda else "cpu")
 
     @ray.method(concurrency_group="sampling")
     def sample(self, task: SampleTask, weights: PolicyWeights) -> Trajectories:
-        return self.sampler.sample(task, weights)
+        return self.torch.call(self.sampler.sample, task, weights)
 
     @ray.method(concurrency_group="rewards")
     def rewards(self, task: SampleTask, timeout_s: float | None = None) -> ScoredBatch:

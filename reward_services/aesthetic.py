@@ -73,6 +73,8 @@ aesthetic_api = make_reward_api(
 class AestheticScorer(ModelReplica):
     """`score(images, prompts, metadata)` through handles; `POST /` over HTTP."""
 
+    BATCHED_METHOD = "_score_batch"
+
     def __init__(self, model: Mapping[str, Any], limits: Mapping[str, Any]):
         # Imported here, not at the top: building the application (`serve deploy` runs the
         # builder in a task) then needs no torch; only replicas load it.
@@ -80,12 +82,8 @@ class AestheticScorer(ModelReplica):
 
         self.limits = RequestLimits.model_validate(dict(limits))
         self.setup_replica(self.limits)
-        self.predictor = AestheticPredictor(**AestheticModelArgs.model_validate(dict(model)).model_dump())
-
-    def reconfigure(self, user_config: Mapping[str, Any]) -> None:
-        self.batch_settings = BatchSettings.model_validate(dict(user_config))
-        self._score_batch.set_max_batch_size(self.batch_settings.max_batch_size)
-        self._score_batch.set_batch_wait_timeout_s(self.batch_settings.batch_wait_timeout_s)
+        args = AestheticModelArgs.model_validate(dict(model)).model_dump()
+        self.predictor = self.torch.call(AestheticPredictor, **args)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _score_batch(self, requests: list[list[np.ndarray]]) -> list[list[float]]:

@@ -100,16 +100,13 @@ class LlavaBertScoreArgs(BaseModel):
 class LlavaCaptioner(ModelReplica):
     """`caption(images) -> [str]`, batched across concurrent requests."""
 
+    BATCHED_METHOD = "caption"
+
     def __init__(self, captioner: Mapping[str, Any]):
         from reward_services.captioner import Captioner  # here: the ingress and the builder need no torch
 
         self.setup_replica()
-        self.captioner = Captioner(**CaptionerArgs.model_validate(dict(captioner)).model_dump())
-
-    def reconfigure(self, user_config: Mapping[str, Any]) -> None:
-        self.batch_settings = BatchSettings.model_validate(dict(user_config))
-        self.caption.set_max_batch_size(self.batch_settings.max_batch_size)
-        self.caption.set_batch_wait_timeout_s(self.batch_settings.batch_wait_timeout_s)
+        self.captioner = self.torch.call(Captioner, **CaptionerArgs.model_validate(dict(captioner)).model_dump())
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def caption(self, requests: list[list[np.ndarray]]) -> list[list[str]]:
@@ -126,16 +123,13 @@ class LlavaCaptioner(ModelReplica):
 class BertScorer(ModelReplica):
     """`score(pairs) -> [(P, R, F1)]` for [(caption, reference)], batched across requests."""
 
+    BATCHED_METHOD = "score"
+
     def __init__(self, bertscore: Mapping[str, Any]):
         from reward_services.bertscore import BertScore  # here: the ingress and the builder need no torch
 
         self.setup_replica()
-        self.bertscore = BertScore(**BertScoreArgs.model_validate(dict(bertscore)).model_dump())
-
-    def reconfigure(self, user_config: Mapping[str, Any]) -> None:
-        self.batch_settings = BatchSettings.model_validate(dict(user_config))
-        self.score.set_max_batch_size(self.batch_settings.max_batch_size)
-        self.score.set_batch_wait_timeout_s(self.batch_settings.batch_wait_timeout_s)
+        self.bertscore = self.torch.call(BertScore, **BertScoreArgs.model_validate(dict(bertscore)).model_dump())
 
     def _score_pairs(self, pairs: list[tuple[str, str]]) -> list[tuple[float, float, float]]:
         precision, recall, f1 = self.bertscore([c for c, _ in pairs], [r for _, r in pairs])

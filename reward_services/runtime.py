@@ -8,6 +8,7 @@ Ray gave it. torch is imported lazily, so the JPEG app and the application build
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Sequence
@@ -35,6 +36,31 @@ def match_torch_threads_to_cpus() -> int:
     threads = max(1, math.floor(assigned_cpus()))
     torch.set_num_threads(threads)
     return threads
+
+
+class TorchThread:
+    """The one thread of a process that builds and runs its torch models.
+
+    Measured here (2 cores, torch 2.13 CPU, libgomp): once one thread of a process has run
+    parallel torch ops, the same ops run about 2x slower on any other thread of it (a tiny-UNet
+    sampling batch: 2.4 s on the first thread, 4.9 s on a second; 2.3 s when the second thread
+    is the only one that ever ran torch). Ray runs an actor's `__init__` and its methods
+    (concurrency groups, Serve's executor) on different threads, so the samplers and the model
+    replicas send every torch call, loading included, through one of these.
+    """
+
+    def __init__(self, name: str = "torch"):
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.threads = self.call(match_torch_threads_to_cpus)  # set on the thread that uses them
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """`fn(*args, **kwargs)` on the torch thread; blocks until it returns (or raises)."""
+        return self._executor.submit(fn, *args, **kwargs).result()
+
+    async def call_async(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """The same from an event loop, which stays free while the torch thread works."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
 
 def apply_pil_limits(limits: RequestLimits) -> None:
@@ -92,30 +118,39 @@ class BatchSettings(BaseModel):
 
 
 class ModelReplica:
-    """Shared by the deployments that hold a model: one worker thread, health from failures.
+    """Shared by the deployments that hold a model: one torch thread, live batch settings,
+    health from failures.
 
-    The model runs on a single worker thread (torch uses the replica's CPU share inside it), so
-    the event loop keeps taking requests, filling the next batch and answering health checks.
-    A replica whose model calls keep failing (a wedged GPU, a corrupt weight file) reports
-    itself unhealthy and Serve replaces it; bad input never gets this far.
+    The model is built and run on a single `TorchThread` (torch uses the replica's CPU share
+    inside it), so the event loop keeps taking requests, filling the next batch and answering
+    health checks. A replica whose model calls keep failing (a wedged GPU, a corrupt weight
+    file) reports itself unhealthy and Serve replaces it; bad input never gets this far.
+    Subclasses name their `@serve.batch` method in `BATCHED_METHOD`, so `reconfigure` (the
+    deployment's `user_config`) resizes its batches.
     """
 
     MAX_CONSECUTIVE_FAILURES = 3
+    BATCHED_METHOD: str = ""
 
     def setup_replica(self, limits: RequestLimits | None = None) -> None:
-        self.torch_threads = match_torch_threads_to_cpus()
+        self.torch = TorchThread("model")
+        self.torch_threads = self.torch.threads
         if limits is not None:
             apply_pil_limits(limits)
         self.batch_settings = BatchSettings()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._consecutive_failures = 0
         self._last_error = ""
 
+    def reconfigure(self, user_config: Mapping[str, Any]) -> None:
+        self.batch_settings = BatchSettings.model_validate(dict(user_config))
+        batched = getattr(self, self.BATCHED_METHOD)
+        batched.set_max_batch_size(self.batch_settings.max_batch_size)
+        batched.set_batch_wait_timeout_s(self.batch_settings.batch_wait_timeout_s)
+
     async def run_model(self, fn: Callable[[list], Sequence], requests: Sequence[Sequence]) -> list[list]:
-        loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(
-                self._executor, flatten_call_split, fn, requests, self.batch_settings.model_batch_size
+            result = await self.torch.call_async(
+                flatten_call_split, fn, requests, self.batch_settings.model_batch_size
             )
         except Exception as exc:
             self._consecutive_failures += 1
