@@ -7,7 +7,11 @@ policy version (a `PolicyWeights`, one object-store copy) and its training metri
 driver pulls them.
 
 Shards stay until the epoch is covered by a learner checkpoint: a Ray Train worker group that
-restarts after a failure resumes from its last checkpoint and pulls those epochs again.
+restarts after a failure resumes from the newest checkpoint recorded here and pulls the epochs
+after it again. (Not from `ray.train.get_checkpoint()`: Ray Train's controller collects reports
+by polling, so a worker that dies right after reporting can leave it one checkpoint behind,
+whose shards are already gone. Measured here: a kill just after the epoch-0 report restarted
+the group with no checkpoint at all.)
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class EpochExchange:
         self._changed = asyncio.Condition()
         self._stopped = False
         self._error: str | None = None
+        self._group_starts = 0
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -83,6 +88,11 @@ class EpochExchange:
         await self._notify()
 
     # --- learner -> driver ---------------------------------------------------------------
+    async def group_started(self) -> int:
+        """Rank 0 of a (re)started worker group checks in; returns the restarts so far."""
+        self._group_starts += 1
+        return self._group_starts - 1
+
     async def put_policy(self, weights: PolicyWeights, metrics: dict[str, Any]) -> None:
         # A worker group restarted from a checkpoint publishes versions again: keep the newest,
         # whose object-store copy has a live owner (the old group's copies died with it).
@@ -104,6 +114,14 @@ class EpochExchange:
         for old in [v for v in self._policies if v < epoch]:
             del self._policies[old]  # drops the last reference to old weights in the object store
         await self._notify()
+
+    async def latest_checkpoint(self) -> tuple[int, str] | None:
+        """(epoch, directory) of the newest learner checkpoint of this session, for a restarted
+        worker group: every shard after it is still here."""
+        if not self._checkpointed:
+            return None
+        epoch = max(self._checkpointed)
+        return epoch, self._checkpointed[epoch]
 
     async def get_checkpoint(self, epoch: int, timeout_s: float | None = None) -> str:
         await self._wait_for(lambda: epoch in self._checkpointed or self._error is not None, timeout_s)

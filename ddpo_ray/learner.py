@@ -6,7 +6,8 @@ PPO passes of `epoch_steps.train_inner_epochs` (the single-process loop's code),
 metrics with `ray.train.report`; rank 0 publishes the new policy version through the weight
 transport and writes the learner's half of checkpoints (`checkpoint.save_learner_state`), which
 it also reports to Ray Train. A worker group that Ray Train restarts after a failure
-(`FailureConfig`) resumes from that checkpoint and pulls the following epochs again.
+(`FailureConfig`) resumes from the newest of those checkpoints and pulls the following epochs
+again (`learner_restarts` in the metrics counts restarts).
 
 The driver side is `Learner`: it runs `TorchTrainer.fit()` on a background thread (fit blocks
 until training ends) and talks to the workers only through the exchange.
@@ -15,7 +16,6 @@ until training ends) and talks to the workers only through the exchange.
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 from pathlib import Path
@@ -35,8 +35,6 @@ from ddpo_ray.ppo import make_optimizer
 from ddpo_ray.run_dir import RunDirectory
 from ddpo_ray.weight_sync import ObjectStoreTransport
 from reward_services.runtime import match_torch_threads_to_cpus
-
-LEARNER_EPOCH_FILE = "learner_epoch.json"  # inside a checkpoint: the epoch the learner state ends
 
 
 def assemble_shard(shard: EpochShard, device: torch.device) -> tuple[Trajectories, torch.Tensor]:
@@ -80,15 +78,20 @@ def learner_loop(config: dict[str, Any]) -> None:
     params = trainable_parameters(pipe.unet, cfg.model.use_lora, cfg.model.lora_rank, seed=cfg.seed)
     optimizer = make_optimizer(params, cfg.train)
 
-    # Where to start: a Ray Train restart's checkpoint, else the run's resume point, else epoch 0.
+    # Where to start: this session's newest checkpoint when Ray Train restarted the worker group,
+    # else the run's resume point, else epoch 0 (see ddpo_ray.exchange for why not Ray Train's).
     first_epoch = config["first_epoch"]
-    restored = ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as directory:
-            load_learner_state(Path(directory), pipe.unet, cfg.model.use_lora, optimizer)
-            first_epoch = json.loads((Path(directory) / LEARNER_EPOCH_FILE).read_text())["epoch"] + 1
+    restart_point = ray.get(exchange.latest_checkpoint.remote())
+    if restart_point is not None:
+        last_epoch, directory = restart_point
+        load_learner_state(Path(directory), pipe.unet, cfg.model.use_lora, optimizer)
+        first_epoch = last_epoch + 1
     elif config["resume_path"] is not None:
         load_learner_state(Path(config["resume_path"]), pipe.unet, cfg.model.use_lora, optimizer)
+
+    restarts = ray.get(exchange.group_started.remote()) if rank == 0 else 0
+    if restarts:
+        print(f"learner: worker group restart {restarts}, continuing at epoch {first_epoch}", flush=True)
 
     unet = ray.train.torch.prepare_model(pipe.unet)  # DDP when world_size > 1
     no_sync = unet.no_sync if isinstance(unet, torch.nn.parallel.DistributedDataParallel) else contextlib.nullcontext
@@ -111,13 +114,13 @@ def learner_loop(config: dict[str, Any]) -> None:
         )
         metrics = _mean_over_ranks(metrics, world_size)
         metrics["time_training"] = time.perf_counter() - start
+        metrics["learner_restarts"] = restarts
         publish(epoch + 1, metrics)
 
         checkpoint = None
         if checkpoint_due(cfg, epoch) and rank == 0:
             directory = run_dir.checkpoint_path(epoch)
             save_learner_state(directory, pipe.unet, cfg.model.use_lora, optimizer)
-            (directory / LEARNER_EPOCH_FILE).write_text(json.dumps({"epoch": epoch}))
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report({"epoch": epoch, **metrics}, checkpoint=checkpoint)  # a barrier for all ranks
         if checkpoint is not None:

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 import ray
 import torch
 
@@ -25,7 +26,15 @@ from ddpo_ray.config import build_config
 from ddpo_ray.driver import run_distributed
 from ddpo_ray.local import run as run_local
 from ddpo_ray.models import load_tiny_pipeline
-from tests.ray_fixtures import REPO, reward_apps, serve_instance, wait_for, yaml_apps  # noqa: F401
+from tests.ray_fixtures import (  # noqa: F401
+    ALL_REWARDS,
+    REPO,
+    TEST_APP_ARGS,
+    reward_apps,
+    serve_instance,
+    wait_for,
+    yaml_apps,
+)
 
 # Small epochs; half-CPU actors (one torch thread each) so everything fits the shared cluster.
 SMALL = [
@@ -137,10 +146,42 @@ def test_killed_sampler_mid_epoch_the_epoch_keeps_exact_counts(reward_apps, tmp_
     assert [m["epoch"] for m in lines] == [0, 1]
 
 
-def test_killed_driver_resumes_with_an_identical_continuation(reward_apps, tmp_path):  # noqa: F811
-    common = [*SMALL, "num_epochs=3", f"output_dir={tmp_path}"]
-    reference = run_distributed(build_config(overrides=[*common, "run_name=reference"]))
+THREE_EPOCHS = [*SMALL, "num_epochs=3"]
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(yaml_apps, tmp_path_factory):  # noqa: F811
+    """Metrics of a 3-epoch run nothing interrupts: what the crash tests must reproduce."""
+    from reward_services.client import ensure_reward_apps
+
+    ensure_reward_apps(ALL_REWARDS, TEST_APP_ARGS)
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return run_distributed(build_config(overrides=[*THREE_EPOCHS, f"output_dir={out}", "run_name=reference"]))
+
+
+def train_worker_pids() -> list[int]:
+    """Live Ray Train worker processes on this machine (the cluster runs here; no dashboard, so
+    no state API: Ray titles its worker processes `ray::<ActorClass>...`)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue  # exited while we looked
+    return pids
+
+
+def assert_same_run(lines: list[dict], reference: list[dict]) -> None:
+    assert [m["epoch"] for m in lines] == [0, 1, 2]
+    assert [m["samples"] for m in lines] == [m["samples"] for m in reference]
+    for got, want in zip(lines, reference, strict=True):
+        for key in ("reward_mean", "loss", "approx_kl", "policy_version"):
+            np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-7, err_msg=f"epoch {got['epoch']} {key}")
+
+
+def test_killed_driver_resumes_with_an_identical_continuation(reward_apps, uninterrupted, tmp_path):  # noqa: F811
+    common = [*THREE_EPOCHS, f"output_dir={tmp_path}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": reward_apps.gcs_address}
     driver = subprocess.Popen(
         [sys.executable, "-m", "ddpo_ray.run", *common, "run_name=killed"], cwd=REPO, env=env,
@@ -157,8 +198,23 @@ def test_killed_driver_resumes_with_an_identical_continuation(reward_apps, tmp_p
     resumed = run_cli([*common, "run_name=killed", "resume_from=latest"], reward_apps)
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     assert "resumed from" in resumed.stdout
-    lines = metrics_of(tmp_path / "killed")
-    assert [m["epoch"] for m in lines] == [0, 1, 2]
-    for got, want in zip(lines, reference, strict=True):
-        for key in ("reward_mean", "loss", "approx_kl", "policy_version"):
-            np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-7, err_msg=f"epoch {got['epoch']} {key}")
+    assert_same_run(metrics_of(tmp_path / "killed"), uninterrupted)
+
+
+def test_killed_learner_worker_restarts_from_its_checkpoint(reward_apps, uninterrupted, tmp_path):  # noqa: F811
+    """Ray Train's FailureConfig restarts the worker group; it resumes from the last learner
+    checkpoint and pulls the epochs after it again, so the run continues exactly."""
+    cfg = build_config(overrides=[*THREE_EPOCHS, "save_freq=1", f"output_dir={tmp_path}", "run_name=crash"])
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(history=run_distributed(cfg)))
+    runner.start()
+    wait_for(lambda: (tmp_path / "crash/checkpoints/epoch_0000/COMPLETE").is_file(), timeout_s=240,
+             interval_s=0.05, what="the first checkpoint")
+    workers = train_worker_pids()
+    assert len(workers) == 1, workers
+    os.kill(workers[0], signal.SIGKILL)  # a worker crash, not a clean exit
+    runner.join(300)
+    assert not runner.is_alive()
+    assert "history" in result, "run_distributed raised; see the log above"
+    assert_same_run(metrics_of(tmp_path / "crash"), uninterrupted)
+    assert [m["learner_restarts"] for m in result["history"]] == [0, 1, 1]
