@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean-venv
+.PHONY: run test bench clean-venv system-tools
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,15 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m ddpo_ray.run
 
-test: $(STAMP)
+# Debian's prometheus server and docker-compose v1 (offline validation of docker-compose.yml),
+# for the observability and deployment tests; installed with apt-get when root, else skipped.
+system-tools:
+	@command -v prometheus >/dev/null && command -v docker-compose >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus docker-compose >/dev/null; } || \
+	  echo "note: prometheus / docker-compose missing and not installable here; their tests are skipped"
+
+test: $(STAMP) system-tools
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: $(STAMP)

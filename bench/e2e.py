@@ -8,7 +8,8 @@
     with all the cores' threads each oversubscribe them: measured 2.5x slower, not faster);
 (c) weight-sync latency: publish a LoRA of rank 4 / 16 / 64 once, 1 / 2 / 4 samplers fetch it
     and load it into their UNet; time from publish to all loaded;
-(d) the time split per phase of the Ray run (sampling, waiting for rewards, training, sync).
+(d) the time split per phase of the Ray run (sampling, waiting for rewards, training, sync);
+(e) what the ddpo_* metrics cost: the staleness-0 run again with `metrics=false`.
 The first epoch of each run (start-up, warm-up) is left out of epoch times. Prints figures;
 writes JSON.
 
@@ -110,11 +111,11 @@ def main() -> int:
         local = run_local(build_config(overrides=[*work, *whole, f"output_dir={tmp}", "run_name=local"]))
         local_total = time.perf_counter() - start
         runs = {}
-        for staleness in (0, 1):
+        for name, extra in [(0, [*whole, "cluster.staleness=0"]), (1, [*half, "cluster.staleness=1"]),
+                            ("no_metrics", [*whole, "cluster.staleness=0", "metrics=false"])]:
             start = time.perf_counter()
-            history = run_distributed(build_config(overrides=[
-                *work, *(whole if staleness == 0 else half), f"cluster.staleness={staleness}", f"output_dir={tmp}", f"run_name=ray{staleness}"]))
-            runs[staleness] = (history, time.perf_counter() - start)
+            history = run_distributed(build_config(overrides=[*work, *extra, f"output_dir={tmp}", f"run_name=ray{name}"]))
+            runs[name] = (history, time.perf_counter() - start)
 
         ray0, ray0_total = runs[0]
         ray1, ray1_total = runs[1]
@@ -125,6 +126,8 @@ def main() -> int:
         results["wall_per_epoch_ray_staleness0_s"] = wall_per_epoch(ray0, ray0_total)
         results["wall_per_epoch_ray_staleness1_s"] = wall_per_epoch(ray1, ray1_total)
         results["staleness1_vs_0_wall"] = ray1_total / ray0_total
+        results["epoch_time_ray_no_metrics_s"] = steady_epoch_time(runs["no_metrics"][0])
+        results["metrics_on_vs_off"] = results["epoch_time_ray_s"] / results["epoch_time_ray_no_metrics_s"]
         phases = ("time_sampling", "time_reward", "time_training", "time_weight_sync", "time_waiting_for_learner")
         results["phases_ray_staleness0_s"] = {k: statistics.median(m[k] for m in ray0[1:]) for k in phases}
         results["phases_local_s"] = {k: statistics.median(m[k] for m in local[1:])
@@ -138,6 +141,8 @@ def main() -> int:
     print(f"wall per epoch incl. start-up: local {results['wall_per_epoch_local_s']:.2f}s, ray s0 "
           f"{results['wall_per_epoch_ray_staleness0_s']:.2f}s, ray s1 {results['wall_per_epoch_ray_staleness1_s']:.2f}s "
           f"(s1/s0 {results['staleness1_vs_0_wall']:.3f}x)")
+    print(f"metrics: epoch {results['epoch_time_ray_s']:.2f}s with, {results['epoch_time_ray_no_metrics_s']:.2f}s "
+          f"without -> {results['metrics_on_vs_off']:.3f}x")
     print("phases, ray staleness 0 (median s):", {k: round(v, 3) for k, v in results["phases_ray_staleness0_s"].items()})
     print("phases, local (median s):", {k: round(v, 3) for k, v in results["phases_local_s"].items()})
     for row in results.get("weight_sync", []):

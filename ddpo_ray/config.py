@@ -156,6 +156,7 @@ class DDPOConfig(_Section):
     num_epochs: int = Field(5, ge=1)
     save_freq: int = Field(1, ge=0, description="checkpoint every N epochs (0: only at the end)")
     resume_from: str | None = Field(None, description='a checkpoint dir, a run dir, or "latest"')
+    metrics: bool = Field(True, description="export the ddpo_* Prometheus metrics (see ddpo_ray.metrics)")
     model: ModelConfig = ModelConfig()
     sample: SampleConfig = SampleConfig()
     train: TrainConfig = TrainConfig()

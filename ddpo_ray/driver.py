@@ -30,6 +30,7 @@ from ddpo_ray.checkpoint import load_run_state, resolve_resume_path, save_run_st
 from ddpo_ray.config import DDPOConfig
 from ddpo_ray.epoch_steps import checkpoint_due, format_progress, summary
 from ddpo_ray.learner import Learner, split_epoch
+from ddpo_ray.metrics import EpochMetrics
 from ddpo_ray.prompts import PromptSampler, get_prompts
 from ddpo_ray.run_dir import RunDirectory
 from ddpo_ray.sampler import SampleTask
@@ -103,6 +104,7 @@ def run_distributed(
     if first_epoch >= cfg.num_epochs:
         return history
 
+    exported = EpochMetrics(run_dir.root.name, "ray" if cfg.metrics else "off")
     learner = Learner(cfg, run_dir, first_epoch, resume_path)
     samplers = SamplerPool(cfg, name_prefix=f"sampler-{run_dir.root.name}")
     waiting: deque[_SampledRecord] = deque()  # sampled, handed to the learner, not yet trained
@@ -113,6 +115,7 @@ def run_distributed(
         metrics = {**record.metrics, **published.metrics, "policy_version": record.epoch + 1}
         metrics["time_epoch"] = time.perf_counter() - record.started
         run_dir.append_metrics(metrics)
+        exported.record(metrics)
         history.append(metrics)
         run_dir.save_sample_grid(record.epoch, record.images, record.prompts, record.rewards.tolist())
         run_dir.save_reward_curve(history)

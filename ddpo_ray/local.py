@@ -22,6 +22,7 @@ from ddpo_ray.checkpoint import load_checkpoint, resolve_resume_path, save_check
 from ddpo_ray.config import ConfigError, DDPOConfig, add_config_arguments, config_from_args
 from ddpo_ray.diffusion import Trajectories
 from ddpo_ray.epoch_steps import checkpoint_due, format_progress, format_summary, sample_batch, summary, train_inner_epochs
+from ddpo_ray.metrics import EpochMetrics
 from ddpo_ray.models import load_pipeline, trainable_parameters
 from ddpo_ray.ppo import make_optimizer
 from ddpo_ray.prompts import PromptSampler, get_prompts
@@ -42,6 +43,7 @@ def run(cfg: DDPOConfig, device: str | torch.device = "cpu") -> list[dict[str, A
     advantage_fn = AdvantageEstimator(cfg.advantage.mode, cfg.advantage.buffer_size, cfg.advantage.min_count)
     prompt_sampler = PromptSampler(get_prompts(cfg.prompts.name), cfg.sample.samples_per_prompt, cfg.seed)
     reward_weights = cfg.reward.components()
+    exported = EpochMetrics(run_dir.root.name, "prometheus" if cfg.metrics else "off")  # --metrics-port serves them
 
     first_epoch, policy_version = 0, 0
     if cfg.resume_from:
@@ -67,7 +69,7 @@ def run(cfg: DDPOConfig, device: str | torch.device = "cpu") -> list[dict[str, A
 
         # 2. reward the decoded images
         start = time.perf_counter()
-        rewards, _ = compute_rewards(reward_weights, trajectories.images.numpy(), trajectories.prompts)
+        rewards, components = compute_rewards(reward_weights, trajectories.images.numpy(), trajectories.prompts)
         time_reward = time.perf_counter() - start
 
         # 3. advantages over the whole epoch
@@ -86,10 +88,13 @@ def run(cfg: DDPOConfig, device: str | torch.device = "cpu") -> list[dict[str, A
         metrics: dict[str, Any] = {"epoch": epoch, "samples": len(trajectories), "policy_version": policy_version}
         metrics.update(summary("reward", rewards))
         metrics.update(summary("advantage", advantages, extremes=False))
+        for name, values in components.items():
+            metrics.update(summary(f"reward_{name}", values, extremes=False))  # each unweighted component
         metrics.update(train_metrics)
         metrics.update(time_sampling=time_sampling, time_reward=time_reward, time_training=time_training)
         metrics["time_epoch"] = time.perf_counter() - epoch_start
         run_dir.append_metrics(metrics)
+        exported.record(metrics)
         history.append(metrics)
         run_dir.save_sample_grid(epoch, trajectories.images.numpy(), trajectories.prompts, rewards.tolist())
         run_dir.save_reward_curve(history)
@@ -105,12 +110,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="serve the ddpo_* Prometheus metrics on http://127.0.0.1:PORT/metrics")
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.metrics_port is not None:
+        from reward_services.metrics import serve_prometheus
+
+        print(f"metrics: http://127.0.0.1:{serve_prometheus(args.metrics_port)}/metrics", flush=True)
     if cfg.run_name is None:
         cfg.run_name = cfg.resolved_run_name()  # one name for the whole run (it is time-stamped)
     history = run(cfg, args.device)

@@ -37,7 +37,7 @@ def local_cluster_cpus(cfg: DDPOConfig) -> int:
     return max(os.cpu_count() or 1, math.ceil(needed))
 
 
-def connect(address: str | None, cfg: DDPOConfig, serve_port: int) -> bool:
+def connect(address: str | None, cfg: DDPOConfig, serve_port: int, metrics_export_port: int | None = None) -> bool:
     """Connect to (or start) Ray, and start Serve unless it runs; True if this started the cluster.
 
     Serve already running on the cluster (say, from `serve deploy deploy/serve.yaml`) is used as
@@ -49,12 +49,22 @@ def connect(address: str | None, cfg: DDPOConfig, serve_port: int) -> bool:
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        if metrics_export_port is not None:
+            raise ValueError(
+                "--metrics-export-port is for a local cluster; a running cluster exports on the port "
+                "its nodes were started with (`ray start --metrics-export-port`)"
+            )
         ray.init(address=address)
         print(f"connected to the Ray cluster at {address}", flush=True)
     else:
         num_cpus = local_cluster_cpus(cfg)
-        ray.init(num_cpus=num_cpus)
+        ray.init(num_cpus=num_cpus, _metrics_export_port=metrics_export_port)
         print(f"started a local Ray cluster ({num_cpus} logical CPUs)", flush=True)
+    if cfg.metrics:
+        for node in ray.nodes():
+            if node["Alive"]:
+                print(f"metrics (ddpo_* as ray_ddpo_*): http://{node['NodeManagerAddress']}:"
+                      f"{node['MetricsExportPort']}/metrics", flush=True)
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": serve_port})
     return not address
 
@@ -66,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_config_arguments(parser)
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
     parser.add_argument("--serve-port", type=int, default=8000, help="Serve HTTP port, if this run starts Serve")
+    parser.add_argument("--metrics-export-port", type=int, default=None,
+                        help="Prometheus port of a local cluster's metrics agent (default: Ray picks one; printed)")
     args = parser.parse_args(argv)
     try:
         cfg = config_from_args(args)
@@ -83,7 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ddpo_ray.epoch_steps import format_summary
     from reward_services.client import ensure_reward_apps, shutdown_reward_apps
 
-    started_cluster = connect(args.address, cfg, args.serve_port)
+    try:
+        started_cluster = connect(args.address, cfg, args.serve_port, args.metrics_export_port)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     started_apps: list[str] = []
     try:
         started_apps = ensure_reward_apps(cfg.reward.components())

@@ -30,6 +30,7 @@ import torch
 from ddpo_ray.config import DDPOConfig
 from ddpo_ray.diffusion import Trajectories
 from ddpo_ray.epoch_steps import sample_batch
+from ddpo_ray.metrics import SamplerMetrics
 from ddpo_ray.models import load_pipeline, trainable_parameters
 from ddpo_ray.weight_sync import ObjectStoreTransport, PolicyWeights, WeightTransport
 
@@ -100,6 +101,7 @@ class Sampler:
         self._in_flight: dict[tuple[int, int], _InFlight] = {}
         self._changed = threading.Condition()
         self.batches_sampled = 0
+        self.metrics = SamplerMetrics(sampler_id, None if self.cfg.metrics else "off")
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
     def apply_weights(self, weights: PolicyWeights) -> float:
@@ -112,7 +114,9 @@ class Sampler:
         state_dict = self.transport.fetch(weights)
         load_trainable_state_dict(self.pipe.unet, self.cfg.model.use_lora, state_dict)
         self.policy_version = weights.version
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.metrics.weights_applied(weights.version, seconds)
+        return seconds
 
     def sample(self, task: SampleTask, weights: PolicyWeights) -> Trajectories:
         """Sample `task` with `weights`, submit its images for rewards, return the trajectories.
@@ -131,6 +135,7 @@ class Sampler:
             self.pipe, self.cfg, task.prompts, task.epoch, task.batch_index, self.policy_version
         )
         time_sampling = time.perf_counter() - start
+        self.metrics.batch_sampled(len(task.prompts), time_sampling)
         images = trajectories.images.numpy()
         pending = self.reward_client.submit(images, trajectories.prompts)
         scored = ScoredBatch(

@@ -96,9 +96,11 @@ class AestheticScorer(ModelReplica):
         metadata: Sequence[Mapping[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """One aesthetic score per image, in order (prompts are checked, not used)."""
-        images, prompts, metadata = validate_batch(images, prompts, metadata, self.limits)
-        scores = await self._score_batch(images)
-        return response_dict(scores)
+        with self.metrics.request() as request:
+            images, prompts, metadata = validate_batch(images, prompts, metadata, self.limits)
+            request["images"] = len(images)
+            scores = await self._score_batch(images)
+            return response_dict(scores)
 
     @reward_route(aesthetic_api)
     async def http_score(self, request: Request) -> JSONResponse:

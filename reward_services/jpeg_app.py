@@ -32,6 +32,7 @@ from reward_services.http_api import (
     validate_batch,
 )
 from reward_services.jpeg import jpeg_sizes_kb
+from reward_services.metrics import ServiceMetrics
 from reward_services.runtime import apply_pil_limits, check_deployment_names, with_options
 
 JpegRewardName = Literal["jpeg_compressibility", "jpeg_incompressibility"]
@@ -76,6 +77,7 @@ class JpegReward:
         self.limits = RequestLimits.model_validate(dict(limits))
         apply_pil_limits(self.limits)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jpeg")
+        self.metrics = ServiceMetrics()
 
     async def score(
         self,
@@ -84,10 +86,12 @@ class JpegReward:
         metadata: Sequence[Mapping[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Rewards and `info["jpeg_kb"]` (the file sizes), one per image, in order."""
-        images, prompts, metadata = validate_batch(images, prompts, metadata, self.limits)
-        loop = asyncio.get_running_loop()
-        sizes = await loop.run_in_executor(self._executor, jpeg_sizes_kb, images)
-        return response_dict(self.sign * sizes, {"jpeg_kb": sizes.tolist()})
+        with self.metrics.request() as request:
+            images, prompts, metadata = validate_batch(images, prompts, metadata, self.limits)
+            request["images"] = len(images)
+            loop = asyncio.get_running_loop()
+            sizes = await loop.run_in_executor(self._executor, jpeg_sizes_kb, images)
+            return response_dict(self.sign * sizes, {"jpeg_kb": sizes.tolist()})
 
     @reward_route(jpeg_api)
     async def http_score(self, request: Request) -> JSONResponse:

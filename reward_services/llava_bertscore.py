@@ -39,6 +39,7 @@ from reward_services.http_api import (
     reward_route,
     validate_batch,
 )
+from reward_services.metrics import ServiceMetrics
 from reward_services.runtime import (
     BatchSettings,
     ModelReplica,
@@ -172,6 +173,7 @@ class LlavaBertScore:
         self.reference_template = reference_template
         self.limits = RequestLimits.model_validate(dict(limits))
         apply_pil_limits(self.limits)
+        self.metrics = ServiceMetrics()
 
     async def score(
         self,
@@ -180,13 +182,15 @@ class LlavaBertScore:
         metadata: Sequence[Mapping[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """BERTScore recall per image, in order; info: captions and P/R/F1."""
-        images, prompts, metadata = validate_batch(images, prompts, metadata, self.limits)
-        captions = await self.captioner.caption.remote(images)
-        references = references_for(prompts, self.reference_template)
-        scores = await self.scorer.score.remote(list(zip(captions, references, strict=True)))
-        precision, recall, f1 = (np.array(column, dtype=np.float64) for column in zip(*scores, strict=True))
-        rewards, info = alignment_result(captions, precision, recall, f1)
-        return response_dict(rewards, info)
+        with self.metrics.request() as request:
+            images, prompts, metadata = validate_batch(images, prompts, metadata, self.limits)
+            request["images"] = len(images)
+            captions = await self.captioner.caption.remote(images)
+            references = references_for(prompts, self.reference_template)
+            scores = await self.scorer.score.remote(list(zip(captions, references, strict=True)))
+            precision, recall, f1 = (np.array(column, dtype=np.float64) for column in zip(*scores, strict=True))
+            rewards, info = alignment_result(captions, precision, recall, f1)
+            return response_dict(rewards, info)
 
     @reward_route(llava_bertscore_api)
     async def http_score(self, request: Request) -> JSONResponse:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Mapping, Sequence
 
@@ -133,6 +134,9 @@ class ModelReplica:
     BATCHED_METHOD: str = ""
 
     def setup_replica(self, limits: RequestLimits | None = None) -> None:
+        from reward_services.metrics import ServiceMetrics
+
+        self.metrics = ServiceMetrics()
         self.torch = TorchThread("model")
         self.torch_threads = self.torch.threads
         if limits is not None:
@@ -148,6 +152,8 @@ class ModelReplica:
         batched.set_batch_wait_timeout_s(self.batch_settings.batch_wait_timeout_s)
 
     async def run_model(self, fn: Callable[[list], Sequence], requests: Sequence[Sequence]) -> list[list]:
+        start = time.perf_counter()
+        num_items = sum(len(r) for r in requests)
         try:
             result = await self.torch.call_async(
                 flatten_call_split, fn, requests, self.batch_settings.model_batch_size
@@ -155,8 +161,10 @@ class ModelReplica:
         except Exception as exc:
             self._consecutive_failures += 1
             self._last_error = f"{type(exc).__name__}: {exc}"
+            self.metrics.model_batch(len(requests), num_items, time.perf_counter() - start, failed=True)
             raise
         self._consecutive_failures = 0
+        self.metrics.model_batch(len(requests), num_items, time.perf_counter() - start, failed=False)
         return result
 
     def check_health(self) -> None:

@@ -49,6 +49,7 @@ TEST_APP_ARGS = {
 class ServeInstance:
     http_url: str  # http://127.0.0.1:<port>
     gcs_address: str
+    metrics_url: str  # http://127.0.0.1:<port>/metrics: the node's metrics agent (Prometheus text)
 
 
 def _free_port() -> int:
@@ -73,11 +74,18 @@ def serve_instance():
     if _instance is None:
         if ray.is_initialized():
             pytest.fail("a Ray cluster is already running in this process; the reward tests start their own")
-        port = _free_port()
-        ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)
+        port, metrics_port = _free_port(), _free_port()
+        # The dashboard writes Prometheus' service-discovery file (the metrics test reads it);
+        # metrics are pushed to the agent every second instead of every 10.
+        ray.init(
+            num_cpus=12, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
+            log_to_driver=False, _metrics_export_port=metrics_port,
+            _system_config={"metrics_report_interval_ms": 1000},
+        )
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         _instance = ServeInstance(
-            http_url=f"http://127.0.0.1:{port}", gcs_address=ray.get_runtime_context().gcs_address
+            http_url=f"http://127.0.0.1:{port}", gcs_address=ray.get_runtime_context().gcs_address,
+            metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
         )
     _users += 1
     try:
