@@ -28,6 +28,7 @@ from ddpo_ray.ppo import make_optimizer
 from ddpo_ray.prompts import PromptSampler, get_prompts
 from ddpo_ray.run_dir import RunDirectory
 from reward_services.functions import compute_rewards
+from reward_services.metrics import ServiceMetrics
 
 
 def run(cfg: DDPOConfig, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
@@ -43,7 +44,10 @@ def run(cfg: DDPOConfig, device: str | torch.device = "cpu") -> list[dict[str, A
     advantage_fn = AdvantageEstimator(cfg.advantage.mode, cfg.advantage.buffer_size, cfg.advantage.min_count)
     prompt_sampler = PromptSampler(get_prompts(cfg.prompts.name), cfg.sample.samples_per_prompt, cfg.seed)
     reward_weights = cfg.reward.components()
-    exported = EpochMetrics(run_dir.root.name, "prometheus" if cfg.metrics else "off")  # --metrics-port serves them
+    # No Ray here: prometheus-client holds the metrics (--metrics-port serves them), the rewards'
+    # own included, labelled as the in-process path.
+    exported = EpochMetrics(run_dir.root.name, "prometheus" if cfg.metrics else "off")
+    reward_metrics = ServiceMetrics("prometheus" if cfg.metrics else "off", app="+".join(reward_weights), deployment="in_process")
 
     first_epoch, policy_version = 0, 0
     if cfg.resume_from:
@@ -69,7 +73,9 @@ def run(cfg: DDPOConfig, device: str | torch.device = "cpu") -> list[dict[str, A
 
         # 2. reward the decoded images
         start = time.perf_counter()
-        rewards, components = compute_rewards(reward_weights, trajectories.images.numpy(), trajectories.prompts)
+        with reward_metrics.request() as request:
+            request["images"] = len(trajectories)
+            rewards, components = compute_rewards(reward_weights, trajectories.images.numpy(), trajectories.prompts)
         time_reward = time.perf_counter() - start
 
         # 3. advantages over the whole epoch

@@ -186,6 +186,8 @@ def test_single_process_loop_serves_the_same_metrics_with_prometheus_client(tmp_
     assert value(samples, "ddpo_reward_mean", run=run_name) == pytest.approx(history[0]["reward_mean"])
     assert value(samples, "ddpo_epoch_phase_seconds", run=run_name, phase="training") == pytest.approx(
         history[0]["time_training"])
+    # The rewards computed in this process count as a reward service of their own.
+    assert value(samples, "ddpo_reward_service_images_total", app="jpeg_compressibility", deployment="in_process") >= 8
 
 
 def test_metric_definitions_refuse_mistakes():
