@@ -70,7 +70,6 @@ class EpochMetrics:
     def __init__(self, run_name: str, backend: Backend | None = None):
         backend = backend or default_backend()
         self.run = run_name
-        self.backend = backend
         self._m = {spec.name: make_metric(spec, backend) for spec in RUN_SPECS}
 
     def record(self, metrics: Mapping[str, Any]) -> None:

@@ -101,6 +101,7 @@ class Sampler:
         self._in_flight: dict[tuple[int, int], _InFlight] = {}
         self._changed = threading.Condition()
         self.batches_sampled = 0
+        self.torch_threads = torch.get_num_threads()  # of the thread building (and so running) this
         self.metrics = SamplerMetrics(sampler_id, None if self.cfg.metrics else "off")
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
@@ -173,7 +174,7 @@ class Sampler:
             "policy_version": self.policy_version,
             "batches_sampled": self.batches_sampled,
             "in_flight": len(self._in_flight),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": self.torch_threads,
             "node_id": self.node_id,
         }
 

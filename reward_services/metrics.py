@@ -73,23 +73,14 @@ class Metric:
         if kind != self.spec.kind:
             raise TypeError(f"metric {self.spec.name!r} is a {self.spec.kind}, not a {kind}")
         tags = self._tags(tags)
-        if self.backend == "off":
-            return
+        method = _RECORD_METHOD[kind]  # both libraries name them alike
         if self.backend == "ray":
-            if kind == "counter":
-                self._impl.inc(value, tags=tags)
-            elif kind == "gauge":
-                self._impl.set(value, tags=tags)
-            else:
-                self._impl.observe(value, tags=tags)
-            return
-        target = self._impl.labels(**tags) if self.spec.tag_keys else self._impl
-        if kind == "counter":
-            target.inc(value)
-        elif kind == "gauge":
-            target.set(value)
-        else:
-            target.observe(value)
+            getattr(self._impl, method)(value, tags=tags)
+        elif self.backend == "prometheus":
+            getattr(self._impl.labels(**tags) if tags else self._impl, method)(value)
+
+
+_RECORD_METHOD: dict[str, str] = {"counter": "inc", "gauge": "set", "histogram": "observe"}
 
 
 _created: dict[tuple[str, str], Metric] = {}  # (backend, name) -> metric, one per process

@@ -52,7 +52,7 @@ class TorchThread:
 
     def __init__(self, name: str = "torch"):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self.threads = self.call(match_torch_threads_to_cpus)  # set on the thread that uses them
+        self.call(match_torch_threads_to_cpus)  # OpenMP's thread count is per thread: set it on this one
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`fn(*args, **kwargs)` on the torch thread; blocks until it returns (or raises)."""
@@ -138,7 +138,6 @@ class ModelReplica:
 
         self.metrics = ServiceMetrics()
         self.torch = TorchThread("model")
-        self.torch_threads = self.torch.threads
         if limits is not None:
             apply_pil_limits(limits)
         self.batch_settings = BatchSettings()

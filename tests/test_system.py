@@ -92,6 +92,17 @@ def test_cli_rejects_a_bad_config_before_touching_ray(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_cli_refuses_a_metrics_port_for_a_cluster_it_did_not_start(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ddpo_ray.run", "--metrics-export-port", "9999", f"output_dir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "RAY_ADDRESS": "127.0.0.1:1"},  # refused before connecting: nothing listens there
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--metrics-export-port is for a local cluster" in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 def test_one_sampler_matches_the_single_process_loop(reward_apps, tmp_path):  # noqa: F811
     overrides = [*SMALL, "num_epochs=2", "cluster.num_samplers=1", f"output_dir={tmp_path}"]
     distributed = run_distributed(build_config(overrides=[*overrides, "run_name=ray"]))
