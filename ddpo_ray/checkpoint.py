@@ -7,6 +7,9 @@ checkpoints/epoch_NNNN/
     run_state.pt                      epoch, policy version, advantage tracker, RNG state
                                       (written by whoever runs the epoch loop)
     COMPLETE                          written last; a checkpoint without it is ignored
+checkpoints/best/
+    policy_weights.safetensors        the trainable weights of the best evaluated policy version
+    best.json                         which version, and its eval.best_metric value (written last)
 
 The two state files are separate because, in the distributed system, the learner (a Ray Train
 worker) owns the weights and optimizer while the driver owns the tracker and the epoch count.
@@ -15,6 +18,8 @@ The single-process loop writes both with `save_checkpoint`.
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -27,6 +32,8 @@ from ddpo_ray.run_dir import RunDirectory
 
 LEARNER_STATE = "learner_state.pt"
 RUN_STATE = "run_state.pt"
+POLICY_WEIGHTS = "policy_weights.safetensors"
+BEST_INFO = "best.json"
 
 
 def trainable_state_dict(unet: UNet2DConditionModel, use_lora: bool) -> dict[str, torch.Tensor]:
@@ -147,3 +154,47 @@ def load_checkpoint(
     """Restore everything in place (single process); returns the run state (epoch, ...)."""
     load_learner_state(path, unet, use_lora, optimizer)
     return load_run_state(path, advantages)
+
+
+def save_best(run_dir: RunDirectory, weights: Mapping[str, torch.Tensor], use_lora: bool, info: Mapping[str, Any]) -> Path:
+    """Replace checkpoints/best with `weights` (trainable state dict) and `info` (best.json).
+
+    The weights file is replaced atomically before best.json, so best.json never names weights
+    that are not there.
+    """
+    from safetensors.torch import save_file
+
+    directory = run_dir.best_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{POLICY_WEIGHTS}.tmp"
+    plain = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+    save_file(plain, str(tmp), metadata={"use_lora": str(bool(use_lora)).lower()})
+    os.replace(tmp, directory / POLICY_WEIGHTS)
+    tmp_info = directory / f".{BEST_INFO}.tmp"
+    tmp_info.write_text(json.dumps(dict(info), indent=1) + "\n")
+    os.replace(tmp_info, directory / BEST_INFO)
+    return directory
+
+
+def read_best_info(run_dir: RunDirectory) -> dict[str, Any] | None:
+    path = run_dir.best_dir / BEST_INFO
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_policy_weights(path: str | Path) -> tuple[bool, dict[str, torch.Tensor]]:
+    """(use_lora, trainable weights) from a checkpoint directory or checkpoints/best."""
+    path = Path(path)
+    if (path / POLICY_WEIGHTS).is_file():
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path / POLICY_WEIGHTS), framework="pt") as f:
+            use_lora = (f.metadata() or {}).get("use_lora", "true") == "true"
+        return use_lora, load_file(str(path / POLICY_WEIGHTS))
+    if (path / LEARNER_STATE).is_file():
+        state = read_learner_state(path)
+        return bool(state["use_lora"]), state["weights"]
+    raise FileNotFoundError(
+        f"{path}: expected a checkpoint directory with {LEARNER_STATE} or {POLICY_WEIGHTS} "
+        "(checkpoints/epoch_NNNN or checkpoints/best of a run)"
+    )

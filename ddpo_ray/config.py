@@ -77,6 +77,14 @@ class TrainConfig(_Section):
     adv_clip_max: float = Field(5.0, gt=0.0)
     timestep_fraction: float = Field(1.0, gt=0.0, le=1.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
+    algorithm: Literal["ddpo_is", "ddpo_sf"] = Field(
+        "ddpo_is",
+        description="ddpo_is: clipped importance ratio (PPO); ddpo_sf: score function, one "
+        "optimizer step per epoch",
+    )
+    kl_coef: float = Field(
+        0.0, ge=0.0, description="weight of the per-step KL to the reference policy (LoRA off); 0: none"
+    )
 
 
 class AdvantageConfig(_Section):
@@ -133,6 +141,38 @@ class RewardConfig(_Section):
         return {self.name: 1.0} if self.name is not None else dict(self.weights or {})
 
 
+class EvalConfig(_Section):
+    """Held-out evaluation, the over-optimisation guard and `best` checkpoint selection.
+
+    Every `every` epochs (and before the first), the policy generates one image per eval prompt
+    from fixed noise with deterministic DDIM (eta 0), scored by the training reward and the
+    `rewards` listed here. See ddpo_ray.evaluation.
+    """
+
+    every: int = Field(5, ge=0, description="evaluate every N epochs (and before the first); 0: never")
+    prompts_per_group: int = Field(4, ge=1, description="prompts taken from each group of the eval set")
+    include_train_prompts: bool = Field(True, description="also evaluate on prompts.name (group 'train')")
+    batch_size: int = Field(8, ge=1, description="images per generation call")
+    num_steps: int | None = Field(None, ge=1, description="DDIM steps; default sample.num_steps")
+    rewards: list[str] = Field(default_factory=list, description="extra rewards scored on the eval images")
+    guard_reward: str | None = Field(
+        None, description="a reward that must not fall (over-optimisation guard); scored on eval images"
+    )
+    guard_margin: float = Field(
+        0.0, ge=0.0, description="stop when the guard's eval mean falls this far below its best so far"
+    )
+    best_metric: str = Field(
+        "eval_reward_mean", description="eval key whose maximum picks the `best` checkpoint"
+    )
+
+    @model_validator(mode="after")
+    def _known_rewards(self) -> "EvalConfig":
+        for name in [*self.rewards, *([self.guard_reward] if self.guard_reward else [])]:
+            if name not in REWARD_NAMES:
+                raise ValueError(f"eval reward {name!r} is unknown; expected one of {list(REWARD_NAMES)}")
+        return self
+
+
 class ClusterConfig(_Section):
     num_samplers: int = Field(1, ge=1)
     gpus_per_sampler: float = Field(0.0, ge=0.0)
@@ -163,11 +203,26 @@ class DDPOConfig(_Section):
     advantage: AdvantageConfig = AdvantageConfig()
     prompts: PromptsConfig = PromptsConfig()
     reward: RewardConfig = RewardConfig()
+    eval: EvalConfig = EvalConfig()
     cluster: ClusterConfig = ClusterConfig()
 
     @property
     def samples_per_epoch(self) -> int:
         return self.sample.batch_size * self.sample.num_batches_per_epoch
+
+    def eval_reward_names(self) -> list[str]:
+        """Rewards scored on eval images: the training components, eval.rewards, the guard."""
+        names = list(self.reward.components())
+        for name in [*self.eval.rewards, *([self.eval.guard_reward] if self.eval.guard_reward else [])]:
+            if name not in names:
+                names.append(name)
+        return names
+
+    def eval_metric_keys(self) -> list[str]:
+        """The keys an evaluation writes (and `eval.best_metric` may name)."""
+        keys = ["eval_reward_mean"]
+        keys += [f"eval_{name}_mean" for name in self.eval_reward_names()]
+        return keys
 
     @property
     def num_train_timesteps(self) -> int:
@@ -216,6 +271,27 @@ class DDPOConfig(_Section):
                 f"train.timestep_fraction={self.train.timestep_fraction} x sample.num_steps="
                 f"{self.sample.num_steps} trains no timestep; raise one of them"
             )
+        if self.train.algorithm == "ddpo_sf":
+            steps = minibatches // self.train.gradient_accumulation_steps
+            if self.train.num_inner_epochs != 1 or steps != 1:
+                raise ValueError(
+                    "train.algorithm='ddpo_sf' has no importance ratio, so each epoch's samples may "
+                    f"feed exactly one optimizer step; got train.num_inner_epochs="
+                    f"{self.train.num_inner_epochs} and {steps} steps per epoch (set num_inner_epochs=1 "
+                    f"and train.batch_size x gradient_accumulation_steps = {per_worker})"
+                )
+        if self.train.kl_coef > 0 and not self.model.use_lora:
+            raise ValueError(
+                "train.kl_coef > 0 needs model.use_lora=true: the reference policy is the UNet with "
+                "its LoRA switched off"
+            )
+        if self.eval.best_metric not in self.eval_metric_keys():
+            raise ValueError(
+                f"eval.best_metric={self.eval.best_metric!r} is not written by evaluation; expected "
+                f"one of {self.eval_metric_keys()}"
+            )
+        if self.eval.guard_reward is not None and self.eval.every == 0:
+            raise ValueError("eval.guard_reward is evaluated on held-out images; set eval.every >= 1")
         return self
 
     def resolved_run_name(self) -> str:
@@ -241,6 +317,7 @@ _SD15 = {
     "advantage": {"mode": "per_prompt", "buffer_size": 16, "min_count": 16},
     "prompts": {"name": "imagenet_animals", "eval_name": "held_out"},
     "reward": {"name": "jpeg_compressibility"},
+    "eval": {"every": 10, "prompts_per_group": 8},
     "cluster": {"num_samplers": 2, "gpus_per_sampler": 1, "learner_workers": 2,
                 "gpus_per_learner_worker": 1},
 }
@@ -256,8 +333,34 @@ def _merged(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
+# The `tiny` model's learning recipe (measured in issue 3's sweeps, see README): few steps and
+# many samples per optimizer step, because on `tiny` the JPEG rewards' gradient signal is weak
+# next to its noise. One full-batch step per epoch at a high LoRA learning rate; group
+# advantages over 4 prompts x 8 samples.
+_TINY_LEARNING = {
+    "num_epochs": 15,
+    "save_freq": 5,
+    "sample": {"num_steps": 5, "batch_size": 8, "num_batches_per_epoch": 4, "samples_per_prompt": 8},
+    "advantage": {"mode": "group"},
+    "train": {"batch_size": 32, "learning_rate": 1e-2, "clip_range": 1e-2},
+    "eval": {"every": 1, "prompts_per_group": 8},
+}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
+    # The paper's four tasks at small scale: minutes on a CPU. The guard watches a second reward
+    # on held-out images while the JPEG size is optimised (with `tiny` that is the random-weight
+    # aesthetic head: a fixed function of the image, not a judgement of beauty).
+    "tiny_compressibility": _merged(_TINY_LEARNING, {
+        "reward": {"name": "jpeg_compressibility"},
+        "eval": {"guard_reward": "aesthetic", "guard_margin": 0.05},
+    }),
+    "tiny_incompressibility": _merged(_TINY_LEARNING, {
+        "reward": {"name": "jpeg_incompressibility"},
+        "eval": {"guard_reward": "aesthetic", "guard_margin": 0.05},
+    }),
+    "tiny_aesthetic": _merged(_TINY_LEARNING, {"reward": {"name": "aesthetic"}}),
+    "tiny_alignment": _merged(_TINY_LEARNING, {"reward": {"name": "llava_bertscore"}}),
     "sd15_compressibility": _SD15,
     "sd15_incompressibility": _merged(_SD15, {"reward": {"name": "jpeg_incompressibility"}}),
     "sd15_aesthetic": _merged(_SD15, {

@@ -24,21 +24,20 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
 
 
-def ddim_step_with_logprob(
+def ddim_step_mean(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
     timestep: int | torch.Tensor,
     sample: torch.Tensor,
     eta: float = 1.0,
-    prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step x_t -> x_{t-1} and its log-density, per sample.
+    """The Gaussian policy of one DDIM step x_t -> x_{t-1}: its mean and std, in fp32.
 
-    `timestep` is an int or a (B,) tensor (training sees a different timestep per sample).
-    If `prev_sample` is given it is scored, not drawn. The maths runs in fp32 whatever the
-    input dtype, because the PPO clip range (1e-4) is below bf16's resolution.
-    Returns (prev_sample in `sample`'s dtype, log_prob of shape (B,)).
+    x_{t-1} ~ N(mean, std^2 I). With eta = 0, std is 0 and `mean` is diffusers' deterministic
+    DDIM step. `timestep` is an int or a (B,) tensor. The std depends only on the schedule and
+    eta, never on the weights, so two policies' step distributions differ only in their means
+    (which makes their KL ||mean_1 - mean_2||^2 / (2 std^2), see `ddpo_ray.ppo.step_kl`).
+    Returns (mean (B, C, H, W), std broadcastable to it).
     """
     if scheduler.num_inference_steps is None:
         raise ValueError("scheduler.num_inference_steps is None: call scheduler.set_timesteps() first")
@@ -87,20 +86,44 @@ def ddim_step_with_logprob(
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
     std = eta * variance.sqrt()
     mean = alpha_prev.sqrt() * pred_x0 + (1 - alpha_prev - std**2).sqrt() * pred_eps
+    return mean, std
 
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t -> x_{t-1} and its log-density, per sample.
+
+    `timestep` is an int or a (B,) tensor (training sees a different timestep per sample).
+    If `prev_sample` is given it is scored, not drawn. The maths runs in fp32 whatever the
+    input dtype, because the PPO clip range (1e-4) is below bf16's resolution.
+    Returns (prev_sample in `sample`'s dtype, log_prob of shape (B,)).
+    """
+    mean, std = ddim_step_mean(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
-        noise = randn_tensor(out.shape, generator=generator, device=device, dtype=torch.float32)
+        noise = randn_tensor(mean.shape, generator=generator, device=sample.device, dtype=torch.float32)
         prev_sample = (mean + std * noise).to(sample.dtype)
     elif prev_sample.shape != sample.shape:
         raise ValueError(f"prev_sample has shape {tuple(prev_sample.shape)}; expected {tuple(sample.shape)}")
 
     # Score the value actually returned/stored (after any cast), so sampling and training agree.
-    log_prob = (
-        -((prev_sample.float() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-    )
-    # Mean, not sum, over pixels: the sum is ~1e4 times larger and overflows the 1e-4 clip.
-    log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
-    return prev_sample, log_prob
+    return prev_sample, gaussian_log_prob(prev_sample, mean, std)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2 I), averaged over all non-batch dimensions: (B,), fp32.
+
+    The mean, not the sum, over pixels: the sum is ~1e4 times larger and overflows the 1e-4
+    PPO clip range.
+    """
+    log_prob = -((x.float() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
 @dataclass
@@ -268,6 +291,60 @@ def sample_trajectories(
     )
 
 
+@torch.no_grad()
+def generate_images(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    initial_latents: torch.Tensor,
+    *,
+    num_steps: int,
+    guidance_scale: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from given initial latents: (B, H, W, 3) uint8 images.
+
+    For evaluation: with the noise fixed and no per-step randomness, the image depends only on
+    the weights, so the same cell of an eval grid shows one image evolving over a run.
+    """
+    if len(prompts) != initial_latents.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts but {initial_latents.shape[0]} initial latents")
+    unet, scheduler = pipe.unet, pipe.scheduler
+    device = unet.device
+    prompt_embeds, negative_prompt_embeds = encode_prompts(pipe, prompts)
+    scheduler.set_timesteps(num_steps, device=device)
+    latents = initial_latents.to(device, torch.float32) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        timesteps = t.expand(len(prompts)).to(device)
+        latents, _ = policy_step_mean(
+            unet, scheduler, latents, timesteps, prompt_embeds, negative_prompt_embeds,
+            guidance_scale=guidance_scale, eta=0.0, compute_dtype=compute_dtype,
+        )
+    return decode_images(pipe, latents)
+
+
+def policy_step_mean(
+    unet: torch.nn.Module,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    *,
+    guidance_scale: float,
+    eta: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the policy's step from `latents` under the UNet's current weights.
+
+    Differentiable in the UNet's weights. One step per sample: latents (B, C, h, w),
+    timesteps (B,). The scheduler must be set to the sampling number of steps.
+    """
+    eps = predict_noise(
+        unet, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale, compute_dtype
+    )
+    return ddim_step_mean(scheduler, eps, timesteps, latents, eta)
+
+
 def trajectory_log_prob(
     unet: torch.nn.Module,
     scheduler: DDIMScheduler,
@@ -286,10 +363,10 @@ def trajectory_log_prob(
     One step per sample: latents/next_latents (B, C, h, w), timesteps (B,). The scheduler
     must have been set to the sampling number of steps (`set_timesteps(num_steps)`).
     """
-    eps = predict_noise(
-        unet, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale, compute_dtype
+    if next_latents.shape != latents.shape:
+        raise ValueError(f"next_latents has shape {tuple(next_latents.shape)}; expected {tuple(latents.shape)}")
+    mean, std = policy_step_mean(
+        unet, scheduler, latents, timesteps, prompt_embeds, negative_prompt_embeds,
+        guidance_scale=guidance_scale, eta=eta, compute_dtype=compute_dtype,
     )
-    _, log_prob = ddim_step_with_logprob(
-        scheduler, eps, timesteps, latents, eta=eta, prev_sample=next_latents
-    )
-    return log_prob
+    return gaussian_log_prob(next_latents, mean, std)

@@ -26,9 +26,10 @@ from typing import Any, Callable
 import numpy as np
 
 from ddpo_ray.advantages import AdvantageEstimator
-from ddpo_ray.checkpoint import load_run_state, resolve_resume_path, save_run_state
+from ddpo_ray.checkpoint import load_run_state, resolve_resume_path, save_best, save_run_state
 from ddpo_ray.config import DDPOConfig
-from ddpo_ray.epoch_steps import checkpoint_due, format_progress, summary
+from ddpo_ray.epoch_steps import checkpoint_due, format_eval, format_progress, summary
+from ddpo_ray.evaluation import EvalSet, EvalTracker, eval_due, summarise
 from ddpo_ray.learner import Learner, split_epoch
 from ddpo_ray.metrics import EpochMetrics
 from ddpo_ray.prompts import PromptSampler, get_prompts
@@ -36,6 +37,7 @@ from ddpo_ray.run_dir import RunDirectory
 from ddpo_ray.sampler import SampleTask
 from ddpo_ray.sampler_pool import SampledEpoch, SamplerPool
 from ddpo_ray.staleness import is_stale, sampling_version
+from ddpo_ray.weight_sync import ObjectStoreTransport
 
 
 @dataclass
@@ -109,10 +111,43 @@ def run_distributed(
     samplers = SamplerPool(cfg, name_prefix=f"sampler-{run_dir.root.name}")
     waiting: deque[_SampledRecord] = deque()  # sampled, handed to the learner, not yet trained
 
+    # Held-out evaluation (ddpo_ray.evaluation): a sampler generates, the reward apps score.
+    eval_set, tracker = EvalSet.from_config(cfg), EvalTracker(cfg)
+    eval_client = None
+    if cfg.eval.every:
+        from reward_services.client import RewardClient
+
+        eval_client = RewardClient({name: 1.0 for name in cfg.eval_reward_names()},
+                                   timeout_s=cfg.reward.timeout_s, max_retries=cfg.reward.max_retries)
+
+    def evaluate_policy(version: int) -> dict[str, Any]:
+        """Evaluate policy `version`; record it, keep the best, check the guard."""
+        start = time.perf_counter()
+        weights = learner.policy(version).weights
+        images = samplers.generate_eval(weights)
+        scores = eval_client(images, list(eval_set.prompts))
+        metrics, total = summarise(cfg, eval_set, scores.components)
+        metrics.update(tracker.update(version, metrics))
+        metrics["time_eval"] = time.perf_counter() - start
+        run_dir.append_eval({"policy_version": version, **metrics})
+        run_dir.save_eval_grid(version, images, eval_set.prompts, total.tolist())
+        exported.record_eval(version, metrics)
+        if metrics["eval_is_best"]:
+            state_dict = ObjectStoreTransport().fetch(weights)
+            save_best(run_dir, state_dict, cfg.model.use_lora,
+                      {"policy_version": version, "after_epoch": version - 1, cfg.eval.best_metric: tracker.best_value})
+        print(format_eval(version, metrics, cfg), flush=True)
+        return metrics
+
+    run_dir.truncate_evals(max_version=first_version)
+    tracker.replay(run_dir.read_evals())
+
     def finish_epoch(record: _SampledRecord) -> None:
         """The learner has trained `record.epoch`: write its metrics, pictures and checkpoint."""
         published = learner.policy(record.epoch + 1)
         metrics = {**record.metrics, **published.metrics, "policy_version": record.epoch + 1}
+        if eval_due(cfg, record.epoch + 1):
+            metrics.update(evaluate_policy(record.epoch + 1))  # of the weights this epoch produced
         metrics["time_epoch"] = time.perf_counter() - record.started
         run_dir.append_metrics(metrics)
         exported.record(metrics)
@@ -128,7 +163,13 @@ def run_distributed(
             on_epoch(metrics)
 
     try:
+        if eval_due(cfg, first_version) and first_version not in {r["policy_version"] for r in run_dir.read_evals()}:
+            evaluate_policy(first_version)  # the base model, or where a resumed run stands
         for epoch in range(first_epoch, cfg.num_epochs):
+            if tracker.stopped:
+                print(f"stopped: the guard reward fell past eval.guard_margin; best policy version "
+                      f"{tracker.best_version} in {run_dir.best_dir}", flush=True)
+                break
             started = time.perf_counter()
             # 1. the policy this epoch is sampled with (staleness 0: the one trained on epoch - 1)
             version = sampling_version(epoch, cfg.cluster.staleness, first_version)

@@ -52,6 +52,14 @@ RUN_SPECS = [
     MetricSpec("ddpo_reward_component_mean", "gauge", "mean of one unweighted reward component", ("run", "reward")),
     MetricSpec("ddpo_epoch_phase_seconds", "gauge", "time of one phase of the epoch", ("run", "phase")),
     MetricSpec("ddpo_sampling_throughput", "gauge", "samples per second of the sampling phase", _RUN),
+    MetricSpec("ddpo_eval_policy_version", "gauge", "the policy version of the last held-out evaluation", _RUN),
+    MetricSpec(
+        "ddpo_eval_reward_mean", "gauge", "held-out mean of a reward (reward=training: the training reward)",
+        ("run", "reward"),
+    ),
+    MetricSpec("ddpo_eval_best_version", "gauge", "the policy version with the best eval.best_metric", _RUN),
+    MetricSpec("ddpo_eval_guard_drop", "gauge", "how far the guard reward is below its best (eval)", _RUN),
+    MetricSpec("ddpo_eval_guard_stops", "counter", "runs stopped by the over-optimisation guard", _RUN),
 ]
 
 SAMPLER_SPECS = [
@@ -89,6 +97,24 @@ class EpochMetrics:
                 self._m["ddpo_reward_component_mean"].set(float(value), run=run, reward=key[len("reward_"):-len("_mean")])
         if metrics.get("time_sampling"):
             self._m["ddpo_sampling_throughput"].set(float(metrics["samples"]) / float(metrics["time_sampling"]), run=run)
+
+    def record_eval(self, policy_version: int, metrics: Mapping[str, Any]) -> None:
+        """A held-out evaluation's `eval_*` metrics (ddpo_ray.evaluation)."""
+        run = self.run
+        self._m["ddpo_eval_policy_version"].set(float(policy_version), run=run)
+        for key, value in metrics.items():
+            if key.startswith("eval_") and key.endswith("_mean") and key.count("_") >= 2:
+                name = key[len("eval_"):-len("_mean")]
+                if name == "reward":
+                    self._m["ddpo_eval_reward_mean"].set(float(value), run=run, reward="training")
+                elif f"eval_{name}_std" in metrics:  # a whole-set reward, not a per-group mean
+                    self._m["ddpo_eval_reward_mean"].set(float(value), run=run, reward=name)
+        if metrics.get("eval_best_version") is not None:
+            self._m["ddpo_eval_best_version"].set(float(metrics["eval_best_version"]), run=run)
+        if "eval_guard_drop" in metrics:
+            self._m["ddpo_eval_guard_drop"].set(float(metrics["eval_guard_drop"]), run=run)
+            if metrics["eval_guard_stop"]:
+                self._m["ddpo_eval_guard_stops"].inc(1.0, run=run)
 
 
 class SamplerMetrics:

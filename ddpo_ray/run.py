@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     started_apps: list[str] = []
     try:
-        started_apps = ensure_reward_apps(cfg.reward.components())
+        started_apps = ensure_reward_apps(cfg.eval_reward_names() if cfg.eval.every else cfg.reward.components())
         if started_apps:
             print(f"deployed reward applications: {', '.join(started_apps)}", flush=True)
         history = run_distributed(cfg)

@@ -4,9 +4,13 @@ outputs/<run_name>/
     config.yaml            the resolved config, so a run can be reproduced from its directory
     metrics.jsonl          one JSON object per line, one line per epoch (append-only, fsynced)
     samples/epoch_NNNN.png a grid of the epoch's images with their prompts and rewards
+    eval.jsonl             one line per held-out evaluation, keyed by policy_version (0: base)
+    eval/version_NNNN.png  the eval images of a policy version: same prompts, same noise, so
+                           one cell shows one image evolving over the run
     reward_curve.png       reward_mean (and eval_reward_mean) against epoch
     checkpoints/epoch_NNNN/  written by ddpo_ray.checkpoint; a `COMPLETE` marker, written last,
                              says the checkpoint is whole and may be resumed from
+    checkpoints/best/      the policy weights of the best evaluation (eval.best_metric), + best.json
 
 Everything here is plain files and plain Python values, so it imports no Ray or torch: the
 driver, the learner and a notebook reading a finished run can all use it. Files that are
@@ -31,6 +35,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.jsonl"
+EVAL_DIR = "eval"
+BEST_DIR = "best"
 REWARD_CURVE_FILE = "reward_curve.png"
 SAMPLES_DIR = "samples"
 CHECKPOINTS_DIR = "checkpoints"
@@ -74,6 +81,14 @@ class RunDirectory:
         return self.root / CHECKPOINTS_DIR
 
     @property
+    def eval_path(self) -> Path:
+        return self.root / EVAL_FILE
+
+    @property
+    def best_dir(self) -> Path:
+        return self.root / CHECKPOINTS_DIR / BEST_DIR
+
+    @property
     def reward_curve_path(self) -> Path:
         return self.root / REWARD_CURVE_FILE
 
@@ -95,12 +110,33 @@ class RunDirectory:
 
         numpy values and tensors become plain Python; nan and inf become null (JSON has neither).
         """
-        if not isinstance(metrics, Mapping):
-            raise TypeError(f"metrics: expected a mapping, got {type(metrics).__name__}")
-        plain = _to_plain(metrics, "metrics", nonfinite_to_none=True)
+        self._append_row(self.metrics_path, metrics, "metrics")
+
+    def append_eval(self, row: Mapping[str, Any]) -> None:
+        """Append one evaluation (a mapping with "policy_version") to eval.jsonl, as append_metrics."""
+        if not isinstance(row, Mapping) or not isinstance(row.get("policy_version"), int):
+            raise ValueError("eval row: expected a mapping with an integer 'policy_version'")
+        self._append_row(self.eval_path, row, "eval row")
+
+    def read_evals(self) -> list[dict]:
+        """All evaluations in file order (as read_metrics); [] before the first."""
+        return self._read_rows(self.eval_path)
+
+    def truncate_evals(self, max_version: int) -> None:
+        """Keep only evaluations of policy versions <= max_version (a resumed run redoes the rest)."""
+        if not self.eval_path.exists():
+            return
+        kept = [row for row in self.read_evals() if row.get("policy_version", math.inf) <= max_version]
+        text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in kept)
+        _atomic_write(self.eval_path, text.encode("utf-8"))
+
+    def _append_row(self, path: Path, row: Mapping[str, Any], what: str) -> None:
+        if not isinstance(row, Mapping):
+            raise TypeError(f"{what}: expected a mapping, got {type(row).__name__}")
+        plain = _to_plain(row, what, nonfinite_to_none=True)
         line = json.dumps(plain, allow_nan=False) + "\n"  # ASCII only: a cut line cannot split a character
-        self._drop_partial_last_line()
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
+        self._drop_partial_last_line(path)
+        with open(path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
@@ -111,9 +147,12 @@ class RunDirectory:
         A corrupt last line is what a run killed mid-write leaves, so it is skipped (with a
         warning); a corrupt line anywhere else means the file was damaged, and is an error.
         """
-        if not self.metrics_path.exists():
+        return self._read_rows(self.metrics_path)
+
+    def _read_rows(self, path: Path) -> list[dict]:
+        if not path.exists():
             return []
-        lines = self.metrics_path.read_bytes().split(b"\n")
+        lines = path.read_bytes().split(b"\n")
         numbered = [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
         rows = []
         for number, line in numbered:
@@ -121,16 +160,16 @@ class RunDirectory:
                 row = json.loads(line.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 if number == numbered[-1][0]:
-                    warnings.warn(f"{self.metrics_path}: skipping truncated last line {number} "
+                    warnings.warn(f"{path}: skipping truncated last line {number} "
                                   "(a run killed mid-write)", stacklevel=2)
                     break
                 raise ValueError(
-                    f"{self.metrics_path}: line {number} is not valid JSON ({err}); "
+                    f"{path}: line {number} is not valid JSON ({err}); "
                     "expected one JSON object per line"
                 ) from err
             if not isinstance(row, dict):
                 raise ValueError(
-                    f"{self.metrics_path}: line {number} is a JSON {type(row).__name__}; "
+                    f"{path}: line {number} is a JSON {type(row).__name__}; "
                     "expected one JSON object per line"
                 )
             rows.append(row)
@@ -150,13 +189,12 @@ class RunDirectory:
         text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in kept)
         _atomic_write(self.metrics_path, text.encode("utf-8"))
 
-    def _drop_partial_last_line(self) -> None:
+    def _drop_partial_last_line(self, path: Path) -> None:
         """Before appending, remove a half-written last line left by a killed run.
 
         Appending after it would glue it to the new record and make a corrupt line in the
         middle of the file. A last line that is complete JSON and only lacks its newline is kept.
         """
-        path = self.metrics_path
         if not path.exists() or path.stat().st_size == 0:
             return
         with open(path, "rb+") as f:
@@ -192,54 +230,19 @@ class RunDirectory:
 
         images: uint8 (N, H, W, 3), or a list of PIL images / uint8 (H, W, 3) arrays of one size.
         """
-        epoch = _check_epoch(epoch)
-        array = _images_to_array(images)
-        n = len(array)
-        if isinstance(prompts, str) or len(prompts) != n:
-            got = "a single str" if isinstance(prompts, str) else f"{len(prompts)}"
-            raise ValueError(f"prompts: expected {n} prompts (one per image), got {got}")
-        if len(rewards) != n:
-            raise ValueError(f"rewards: expected {n} rewards (one per image), got {len(rewards)}")
-        if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
-            raise ValueError(f"max_images: expected a positive integer, got {max_images!r}")
+        path = self.samples_dir / f"epoch_{_check_epoch(epoch):04d}.png"
+        return write_image_grid(path, images, prompts, rewards, max_images)
 
-        count = min(n, max_images)
-        cols = math.ceil(math.sqrt(count))
-        rows = math.ceil(count / cols)
-        height, width = array.shape[1:3]
-        scale = math.ceil(MIN_CELL_WIDTH / width) if width < MIN_CELL_WIDTH else 1
-        cell_width, image_height = width * scale, height * scale
-
-        font = ImageFont.load_default()
-        line_height = font.getbbox("Agjy|")[3] + 2
-        caption_height = 2 * CAPTION_PADDING + (PROMPT_LINES + 1) * line_height
-        cell_height = image_height + caption_height
-        grid = Image.new(
-            "RGB",
-            (cols * cell_width + (cols + 1) * GRID_GAP, rows * cell_height + (rows + 1) * GRID_GAP),
-            GRID_BACKGROUND,
-        )
-        draw = ImageDraw.Draw(grid)
-        text_width = cell_width - 2 * CAPTION_PADDING
-        for i in range(count):
-            x = GRID_GAP + (i % cols) * (cell_width + GRID_GAP)
-            y = GRID_GAP + (i // cols) * (cell_height + GRID_GAP)
-            image = Image.fromarray(array[i])
-            if scale > 1:
-                image = image.resize((cell_width, image_height), Image.Resampling.NEAREST)
-            grid.paste(image, (x, y))
-            draw.rectangle([x, y + image_height, x + cell_width - 1, y + cell_height - 1], fill="white")
-            prompt = _drawable(str(prompts[i]), font)
-            lines = _wrap(prompt, font, text_width, PROMPT_LINES) + ["r=%.3f" % float(rewards[i])]
-            for j, text in enumerate(lines):
-                draw.text((x + CAPTION_PADDING, y + image_height + CAPTION_PADDING + j * line_height),
-                          text, fill="black", font=font)
-
-        path = self.samples_dir / f"epoch_{epoch:04d}.png"
-        buffer = io.BytesIO()
-        grid.save(buffer, format="PNG")
-        _atomic_write(path, buffer.getvalue())
-        return path
+    def save_eval_grid(
+        self,
+        policy_version: int,
+        images: np.ndarray | Sequence[Image.Image | np.ndarray],
+        prompts: Sequence[str],
+        rewards: Sequence[float],
+    ) -> Path:
+        """eval/version_NNNN.png: every eval image of `policy_version`, in eval-set order."""
+        path = self.root / EVAL_DIR / f"version_{_check_epoch(policy_version):04d}.png"
+        return write_image_grid(path, images, prompts, rewards, max_images=len(prompts))
 
     # --- reward curve ---------------------------------------------------------------------
 
@@ -332,9 +335,70 @@ class RunDirectory:
 # --- helpers ------------------------------------------------------------------------------
 
 
+def write_image_grid(
+    path: Path,
+    images: np.ndarray | Sequence[Image.Image | np.ndarray],
+    prompts: Sequence[str],
+    rewards: Sequence[float],
+    max_images: int = 16,
+    columns: int | None = None,
+) -> Path:
+    """Write up to `max_images` images as one captioned grid (prompt, then r=reward) to `path`.
+
+    `columns` defaults to a square-ish layout. Written atomically; returns `path`.
+    """
+    array = _images_to_array(images)
+    n = len(array)
+    if isinstance(prompts, str) or len(prompts) != n:
+        got = "a single str" if isinstance(prompts, str) else f"{len(prompts)}"
+        raise ValueError(f"prompts: expected {n} prompts (one per image), got {got}")
+    if len(rewards) != n:
+        raise ValueError(f"rewards: expected {n} rewards (one per image), got {len(rewards)}")
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+        raise ValueError(f"max_images: expected a positive integer, got {max_images!r}")
+
+    count = min(n, max_images)
+    cols = min(columns, count) if columns else math.ceil(math.sqrt(count))
+    rows = math.ceil(count / cols)
+    height, width = array.shape[1:3]
+    scale = math.ceil(MIN_CELL_WIDTH / width) if width < MIN_CELL_WIDTH else 1
+    cell_width, image_height = width * scale, height * scale
+
+    font = ImageFont.load_default()
+    line_height = font.getbbox("Agjy|")[3] + 2
+    caption_height = 2 * CAPTION_PADDING + (PROMPT_LINES + 1) * line_height
+    cell_height = image_height + caption_height
+    grid = Image.new(
+        "RGB",
+        (cols * cell_width + (cols + 1) * GRID_GAP, rows * cell_height + (rows + 1) * GRID_GAP),
+        GRID_BACKGROUND,
+    )
+    draw = ImageDraw.Draw(grid)
+    text_width = cell_width - 2 * CAPTION_PADDING
+    for i in range(count):
+        x = GRID_GAP + (i % cols) * (cell_width + GRID_GAP)
+        y = GRID_GAP + (i // cols) * (cell_height + GRID_GAP)
+        image = Image.fromarray(array[i])
+        if scale > 1:
+            image = image.resize((cell_width, image_height), Image.Resampling.NEAREST)
+        grid.paste(image, (x, y))
+        draw.rectangle([x, y + image_height, x + cell_width - 1, y + cell_height - 1], fill="white")
+        prompt = _drawable(str(prompts[i]), font)
+        lines = _wrap(prompt, font, text_width, PROMPT_LINES) + ["r=%.3f" % float(rewards[i])]
+        for j, text in enumerate(lines):
+            draw.text((x + CAPTION_PADDING, y + image_height + CAPTION_PADDING + j * line_height),
+                      text, fill="black", font=font)
+
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    _atomic_write(Path(path), buffer.getvalue())
+    return Path(path)
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file next to `path`, fsync, then rename over it (atomic on POSIX)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

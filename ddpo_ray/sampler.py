@@ -151,6 +151,13 @@ class Sampler:
         trajectories.images = trajectories.images[:, :0, :0]  # (B, 0, 0, 3): rows kept, pixels dropped
         return trajectories
 
+    def generate_eval(self, weights: PolicyWeights) -> np.ndarray:
+        """The held-out eval images of `weights` (fixed noise, eta 0; ddpo_ray.evaluation)."""
+        from ddpo_ray.evaluation import EvalSet, generate_eval_images
+
+        self.apply_weights(weights)
+        return generate_eval_images(self.pipe, self.cfg, EvalSet.from_config(self.cfg))
+
     def rewards(self, task: SampleTask, timeout_s: float | None = None) -> ScoredBatch:
         """The scored batch of `task` (sampled, or queued to be sampled, on this sampler)."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -193,6 +200,10 @@ class SamplerActor:
     @ray.method(concurrency_group="sampling")
     def sample(self, task: SampleTask, weights: PolicyWeights) -> Trajectories:
         return self.torch.call(self.sampler.sample, task, weights)
+
+    @ray.method(concurrency_group="sampling")
+    def generate_eval(self, weights: PolicyWeights) -> np.ndarray:
+        return self.torch.call(self.sampler.generate_eval, weights)
 
     @ray.method(concurrency_group="rewards")
     def rewards(self, task: SampleTask, timeout_s: float | None = None) -> ScoredBatch:

@@ -120,6 +120,16 @@ class SamplerPool:
             events=events,
         )
 
+    def generate_eval(self, weights: PolicyWeights) -> Any:
+        """The held-out eval images of `weights`, from the first sampler that answers."""
+        errors = []
+        for actor in self.actors:
+            try:
+                return ray.get(actor.generate_eval.remote(weights))
+            except _SAMPLER_LOST as exc:
+                errors.append(f"{type(exc).__name__}")
+        raise RuntimeError(f"no sampler could generate the eval images: {errors}")
+
     def stats(self) -> list[dict[str, Any]]:
         return ray.get([actor.stats.remote() for actor in self.actors])
 

@@ -13,6 +13,7 @@ import torch
 # Purposes, so that streams for different uses never coincide.
 SAMPLING = 1
 TRAINING = 2
+EVALUATION = 3
 
 
 def derive_seed(*keys: int) -> int:

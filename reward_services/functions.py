@@ -1,8 +1,9 @@
-"""Rewards computed in the caller's process, by name, for the single-process loop and tests.
+"""Rewards computed in the caller's process, by name, for the single-process loop and tools.
 
 The distributed system calls the same functions inside Ray Serve replicas; this module is the
-in-process path (no network, no Ray). Model-based rewards (aesthetic, llava_bertscore) need
-their models loaded and are served by the reward-service applications.
+in-process path (no network, no Ray). Model-based rewards (aesthetic, llava_bertscore) load
+their offline defaults here (tiny CLIP + seed-0 MLP; tiny LLaVA + MiniLM BERTScore, as the
+Serve applications' default args) on first use, once per process.
 """
 
 from __future__ import annotations
@@ -20,6 +21,40 @@ IN_PROCESS_REWARDS: dict[str, Callable[[np.ndarray, Sequence[str]], np.ndarray]]
 }
 
 
+def _aesthetic() -> Callable[[np.ndarray, Sequence[str]], np.ndarray]:
+    from reward_services.aesthetic_model import AestheticPredictor
+
+    predictor = AestheticPredictor()
+    return lambda images, prompts: predictor(list(images))
+
+
+def _llava_bertscore() -> Callable[[np.ndarray, Sequence[str]], np.ndarray]:
+    from reward_services.bertscore import BertScore
+    from reward_services.captioner import Captioner
+
+    captioner, bertscore = Captioner(), BertScore()
+    return lambda images, prompts: llava_bertscore_rewards(captioner, bertscore, images, prompts)[0]
+
+
+# name -> loader of the default model, called once per process (they take seconds to build)
+MODEL_REWARDS: dict[str, Callable[[], Callable[[np.ndarray, Sequence[str]], np.ndarray]]] = {
+    "aesthetic": _aesthetic,
+    "llava_bertscore": _llava_bertscore,
+}
+_loaded_models: dict[str, Callable[[np.ndarray, Sequence[str]], np.ndarray]] = {}
+
+
+def reward_function(name: str) -> Callable[[np.ndarray, Sequence[str]], np.ndarray]:
+    """The in-process function of reward `name` (a model reward is loaded on first use)."""
+    if name in IN_PROCESS_REWARDS:
+        return IN_PROCESS_REWARDS[name]
+    if name in MODEL_REWARDS:
+        if name not in _loaded_models:
+            _loaded_models[name] = MODEL_REWARDS[name]()
+        return _loaded_models[name]
+    raise ValueError(f"unknown reward {name!r}; expected one of {sorted([*IN_PROCESS_REWARDS, *MODEL_REWARDS])}")
+
+
 def compute_rewards(
     weights: Mapping[str, float], images: np.ndarray, prompts: Sequence[str]
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -29,12 +64,7 @@ def compute_rewards(
     total = np.zeros(len(images), dtype=np.float64)
     info: dict[str, Any] = {}
     for name, weight in weights.items():
-        if name not in IN_PROCESS_REWARDS:
-            raise ValueError(
-                f"reward {name!r} cannot run in-process; expected one of {sorted(IN_PROCESS_REWARDS)} "
-                "(model-based rewards run as Ray Serve applications)"
-            )
-        values = np.asarray(IN_PROCESS_REWARDS[name](images, prompts), dtype=np.float64)
+        values = np.asarray(reward_function(name)(images, prompts), dtype=np.float64)
         info[name] = values
         total += weight * values
     return total, info

@@ -45,5 +45,5 @@ def test_bad_images_are_rejected():
         jpeg_compressibility([np.zeros((8, 8, 3), dtype=np.float32)])
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         compute_rewards({"jpeg_compressibility": 1.0}, images(), ["x"])
-    with pytest.raises(ValueError, match="'aesthetic' cannot run in-process"):
-        compute_rewards({"aesthetic": 1.0}, images(), ["x", "y"])
+    with pytest.raises(ValueError, match="unknown reward 'beauty'"):
+        compute_rewards({"beauty": 1.0}, images(), ["x", "y"])

@@ -65,7 +65,8 @@ def exported_run(yaml_apps, tmp_path_factory):  # noqa: F811
     run_name = f"metrics-{uuid.uuid4().hex[:6]}"
     out = tmp_path_factory.mktemp("metrics")
     # Two rewards, so a model replica (aesthetic, @serve.batch) reports its batches too.
-    rewards = ["reward.name=null", "reward.weights={jpeg_compressibility: 1.0, aesthetic: 0.01}"]
+    rewards = ["reward.name=null", "reward.weights={jpeg_compressibility: 1.0, aesthetic: 0.01}",
+               "eval.guard_reward=aesthetic", "eval.guard_margin=1.0"]  # a guard that never stops it
     history = run_distributed(build_config(
         overrides=[*SMALL, *rewards, "num_epochs=2", f"output_dir={out}", f"run_name={run_name}"]))
 
@@ -107,7 +108,16 @@ def test_run_exports_ddpo_series_with_the_epochs_values(exported_run):
         assert value(samples, "ray_ddpo_reward_component_mean", run=run, reward=reward) == pytest.approx(
             last[f"reward_{reward}_mean"], rel=1e-6)
     aesthetic_calls = sum(v for lab, v in samples["ray_ddpo_reward_service_batch_size_count"] if lab["app"] == "aesthetic")
-    assert 1 <= aesthetic_calls <= 4  # 4 requests of 4 images, merged by @serve.batch when they meet
+    # 4 requests of 4 images, merged by @serve.batch when they meet, + 2 held-out evaluations
+    # (policy versions 0 and 2: eval.every=5 evaluates before training and after the last epoch)
+    assert 3 <= aesthetic_calls <= 6
+    assert value(samples, "ray_ddpo_eval_policy_version", run=run) == 2
+    assert value(samples, "ray_ddpo_eval_reward_mean", run=run, reward="training") == pytest.approx(
+        last["eval_reward_mean"], rel=1e-6)
+    assert value(samples, "ray_ddpo_eval_reward_mean", run=run, reward="aesthetic") == pytest.approx(
+        last["eval_aesthetic_mean"], rel=1e-6)
+    assert value(samples, "ray_ddpo_eval_guard_drop", run=run) == pytest.approx(last["eval_guard_drop"], abs=1e-12)
+    assert value(samples, "ray_ddpo_eval_best_version", run=run) == last["eval_best_version"]
     for phase, key in PHASES.items():
         assert value(samples, "ray_ddpo_epoch_phase_seconds", run=run, phase=phase) == pytest.approx(last[key], rel=1e-6)
     assert value(samples, "ray_ddpo_sampling_throughput", run=run) == pytest.approx(8 / last["time_sampling"], rel=1e-6)

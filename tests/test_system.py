@@ -104,7 +104,7 @@ def test_cli_refuses_a_metrics_port_for_a_cluster_it_did_not_start(tmp_path):
 
 
 def test_one_sampler_matches_the_single_process_loop(reward_apps, tmp_path):  # noqa: F811
-    overrides = [*SMALL, "num_epochs=2", "cluster.num_samplers=1", f"output_dir={tmp_path}"]
+    overrides = [*SMALL, "num_epochs=2", "cluster.num_samplers=1", "eval.every=1", f"output_dir={tmp_path}"]
     distributed = run_distributed(build_config(overrides=[*overrides, "run_name=ray"]))
     # The sampler and the learner run one torch thread each (half a CPU); so does the reference
     # here. With 2 threads, reductions round differently and a few uint8 pixels flip (measured:
@@ -116,8 +116,18 @@ def test_one_sampler_matches_the_single_process_loop(reward_apps, tmp_path):  # 
     finally:
         torch.set_num_threads(threads)
     for ray_epoch, local_epoch in zip(distributed, local, strict=True):
-        for key in ("reward_mean", "reward_std", "advantage_mean", "loss", "approx_kl", "clipfrac"):
+        for key in ("reward_mean", "reward_std", "advantage_mean", "loss", "approx_kl", "clipfrac",
+                    "eval_reward_mean", "eval_reward_std", "eval_reward_train_mean"):
             np.testing.assert_allclose(ray_epoch[key], local_epoch[key], rtol=1e-4, atol=1e-7, err_msg=key)
+    # Held-out evaluation (eval.every=1): the same versions, images' rewards and best checkpoint.
+    evals = {name: [json.loads(line) for line in (tmp_path / name / "eval.jsonl").read_text().splitlines()]
+             for name in ("ray", "local")}
+    assert [r["policy_version"] for r in evals["ray"]] == [r["policy_version"] for r in evals["local"]] == [0, 1, 2]
+    for ray_row, local_row in zip(evals["ray"], evals["local"]):
+        np.testing.assert_allclose(ray_row["eval_reward_mean"], local_row["eval_reward_mean"], rtol=1e-4)
+    best = {name: json.loads((tmp_path / name / "checkpoints" / "best" / "best.json").read_text()) for name in evals}
+    assert best["ray"]["policy_version"] == best["local"]["policy_version"]
+    assert (tmp_path / "ray" / "eval" / "version_0002.png").is_file()
 
 
 def test_staleness_one_samples_with_the_previous_version(reward_apps, tmp_path):  # noqa: F811
