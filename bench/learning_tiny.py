@@ -1,9 +1,11 @@
 """Does DDPO learn on the offline `tiny` model? Reward per epoch for both JPEG tasks.
 
-Runs the single-process loop for each task (jpeg_compressibility, jpeg_incompressibility),
-prints the reward per epoch, and writes one PNG: for each task, rows of images from the base
-model and from the checkpoints after 5 and 10 epochs, same prompts and same initial noise,
-so what changed in the images is visible. Writes JSON beside it.
+Runs the single-process loop for each task with its `tiny_*` preset (the learning recipe:
+5 steps, 4 prompts x 8 samples, group advantages, one full-batch step per epoch at lr 1e-2),
+prints the training reward per epoch and the held-out eval reward per policy version, and writes
+one PNG: for each task, rows of images from the base model and from the checkpoints after 5 and
+10 epochs, same prompts and same initial noise, so what changed in the images is visible.
+Writes JSON beside it. (bench/learning.py covers all four tasks and the guard.)
 
     python bench/learning_tiny.py                   # 10 epochs per task, a few minutes each
     python bench/learning_tiny.py --epochs 4 --out-dir /tmp/learning
@@ -26,6 +28,7 @@ from ddpo_ray.config import build_config
 from ddpo_ray.diffusion import sample_trajectories
 from ddpo_ray.local import run as run_local_loop
 from ddpo_ray.models import load_tiny_pipeline
+from ddpo_ray.run_dir import RunDirectory
 from reward_services.jpeg import jpeg_sizes_kb
 
 GRID_PROMPTS = ["a red circle", "two blue squares", "three yellow triangles", "a white square",
@@ -70,8 +73,9 @@ def main() -> int:
     results, rows = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for task in ("jpeg_compressibility", "jpeg_incompressibility"):
-            cfg = build_config(overrides=[
-                f"reward.name={task}", f"num_epochs={args.epochs}", f"save_freq={half}", f"seed={args.seed}",
+            cfg = build_config("tiny_" + task.removeprefix("jpeg_"), overrides=[
+                f"num_epochs={args.epochs}", f"save_freq={half}", f"seed={args.seed}", "metrics=false",
+                "eval.guard_margin=.inf",  # record, never stop: this bench shows the plain curve
                 f"output_dir={tmp}", f"run_name={task}", *args.overrides,
             ])
             start = time.perf_counter()
@@ -86,7 +90,9 @@ def main() -> int:
                 sizes = jpeg_sizes_kb(images)
                 grid.append({"stage": name, "jpeg_kb": sizes.round(3).tolist()})
                 rows.append((f"{task}\n{name}\nmean JPEG {sizes.mean():.2f} kB", images))
+            evals = RunDirectory(Path(tmp) / task).read_evals()
             results[task] = {
+                "eval_reward_per_version": [r["eval_reward_mean"] for r in evals],
                 "reward_per_epoch": [m["reward_mean"] for m in history],
                 "reward_std_per_epoch": [m["reward_std"] for m in history],
                 "seconds": elapsed, "grid": grid,
@@ -94,6 +100,8 @@ def main() -> int:
             rewards = results[task]["reward_per_epoch"]
             print(f"{task}: reward per epoch " + " ".join(f"{r:+.3f}" for r in rewards)
                   + f" | epoch-0 std {history[0]['reward_std']:.3f} | {elapsed:.0f}s", flush=True)
+            print(f"{task}: held-out eval per version " + " ".join(
+                f"{r:+.3f}" for r in results[task]["eval_reward_per_version"]), flush=True)
 
     png = out_dir / "learning_tiny.png"
     labelled(rows).save(png)

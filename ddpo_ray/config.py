@@ -349,15 +349,17 @@ _TINY_LEARNING = {
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     # The paper's four tasks at small scale: minutes on a CPU. The guard watches a second reward
-    # on held-out images while the JPEG size is optimised (with `tiny` that is the random-weight
-    # aesthetic head: a fixed function of the image, not a judgement of beauty).
+    # on held-out images while the JPEG size is optimised. With `tiny` that is the random-weight
+    # aesthetic head (offline default): a fixed function of the image, not a judgement of
+    # beauty, whose held-out values spread by ~0.0006 (std over the eval images, measured), so
+    # the margin is about one such spread. It shows the mechanism; real guards need real weights.
     "tiny_compressibility": _merged(_TINY_LEARNING, {
         "reward": {"name": "jpeg_compressibility"},
-        "eval": {"guard_reward": "aesthetic", "guard_margin": 0.05},
+        "eval": {"guard_reward": "aesthetic", "guard_margin": 0.0005},
     }),
     "tiny_incompressibility": _merged(_TINY_LEARNING, {
         "reward": {"name": "jpeg_incompressibility"},
-        "eval": {"guard_reward": "aesthetic", "guard_margin": 0.05},
+        "eval": {"guard_reward": "aesthetic", "guard_margin": 0.0005},
     }),
     "tiny_aesthetic": _merged(_TINY_LEARNING, {"reward": {"name": "aesthetic"}}),
     "tiny_alignment": _merged(_TINY_LEARNING, {"reward": {"name": "llava_bertscore"}}),

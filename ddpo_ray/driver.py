@@ -26,10 +26,10 @@ from typing import Any, Callable
 import numpy as np
 
 from ddpo_ray.advantages import AdvantageEstimator
-from ddpo_ray.checkpoint import load_run_state, resolve_resume_path, save_best, save_run_state
+from ddpo_ray.checkpoint import load_run_state, resolve_resume_path, save_run_state
 from ddpo_ray.config import DDPOConfig
-from ddpo_ray.epoch_steps import checkpoint_due, format_eval, format_progress, summary
-from ddpo_ray.evaluation import EvalSet, EvalTracker, eval_due, summarise
+from ddpo_ray.epoch_steps import checkpoint_due, format_progress, summary
+from ddpo_ray.evaluation import EvalRecorder
 from ddpo_ray.learner import Learner, split_epoch
 from ddpo_ray.metrics import EpochMetrics
 from ddpo_ray.prompts import PromptSampler, get_prompts
@@ -112,7 +112,7 @@ def run_distributed(
     waiting: deque[_SampledRecord] = deque()  # sampled, handed to the learner, not yet trained
 
     # Held-out evaluation (ddpo_ray.evaluation): a sampler generates, the reward apps score.
-    eval_set, tracker = EvalSet.from_config(cfg), EvalTracker(cfg)
+    evals = EvalRecorder(cfg, run_dir, exported, first_version)
     eval_client = None
     if cfg.eval.every:
         from reward_services.client import RewardClient
@@ -125,28 +125,14 @@ def run_distributed(
         start = time.perf_counter()
         weights = learner.policy(version).weights
         images = samplers.generate_eval(weights)
-        scores = eval_client(images, list(eval_set.prompts))
-        metrics, total = summarise(cfg, eval_set, scores.components)
-        metrics.update(tracker.update(version, metrics))
-        metrics["time_eval"] = time.perf_counter() - start
-        run_dir.append_eval({"policy_version": version, **metrics})
-        run_dir.save_eval_grid(version, images, eval_set.prompts, total.tolist())
-        exported.record_eval(version, metrics)
-        if metrics["eval_is_best"]:
-            state_dict = ObjectStoreTransport().fetch(weights)
-            save_best(run_dir, state_dict, cfg.model.use_lora,
-                      {"policy_version": version, "after_epoch": version - 1, cfg.eval.best_metric: tracker.best_value})
-        print(format_eval(version, metrics, cfg), flush=True)
-        return metrics
-
-    run_dir.truncate_evals(max_version=first_version)
-    tracker.replay(run_dir.read_evals())
+        scores = eval_client(images, list(evals.eval_set.prompts)).components
+        return evals.record(version, images, scores, lambda: ObjectStoreTransport().fetch(weights), start)
 
     def finish_epoch(record: _SampledRecord) -> None:
         """The learner has trained `record.epoch`: write its metrics, pictures and checkpoint."""
         published = learner.policy(record.epoch + 1)
         metrics = {**record.metrics, **published.metrics, "policy_version": record.epoch + 1}
-        if eval_due(cfg, record.epoch + 1):
+        if evals.due(record.epoch + 1):
             metrics.update(evaluate_policy(record.epoch + 1))  # of the weights this epoch produced
         metrics["time_epoch"] = time.perf_counter() - record.started
         run_dir.append_metrics(metrics)
@@ -163,12 +149,11 @@ def run_distributed(
             on_epoch(metrics)
 
     try:
-        if eval_due(cfg, first_version) and first_version not in {r["policy_version"] for r in run_dir.read_evals()}:
+        if evals.due(first_version):
             evaluate_policy(first_version)  # the base model, or where a resumed run stands
         for epoch in range(first_epoch, cfg.num_epochs):
-            if tracker.stopped:
-                print(f"stopped: the guard reward fell past eval.guard_margin; best policy version "
-                      f"{tracker.best_version} in {run_dir.best_dir}", flush=True)
+            if evals.stopped:
+                print(evals.stop_message(), flush=True)
                 break
             started = time.perf_counter()
             # 1. the policy this epoch is sampled with (staleness 0: the one trained on epoch - 1)

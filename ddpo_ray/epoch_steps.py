@@ -102,20 +102,6 @@ def format_progress(metrics: dict) -> str:
     return line
 
 
-def format_eval(policy_version: int, metrics: dict, cfg: DDPOConfig) -> str:
-    """The line both loops print after a held-out evaluation."""
-    line = f"eval v{policy_version:<3d} | reward {metrics['eval_reward_mean']:+.4f} +- {metrics['eval_reward_std']:.4f}"
-    extra = [name for name in cfg.eval_reward_names() if name not in cfg.reward.components()]
-    for name in extra:
-        line += f" | {name} {metrics[f'eval_{name}_mean']:+.4f}"
-    line += f" | best v{metrics['eval_best_version']}"
-    if "eval_guard_drop" in metrics:
-        line += f" | guard drop {metrics['eval_guard_drop']:.4f} (margin {cfg.eval.guard_margin})"
-        if metrics["eval_guard_stop"]:
-            line += " -> STOP"
-    return line
-
-
 def format_summary(history: list[dict], run_root: str) -> str:
     """The last line both loops print."""
     if not history:

@@ -17,6 +17,7 @@ Versions evaluated: 0 (the base model, before training), every `eval.every`-th, 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,10 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpo_ray.checkpoint import save_best
 from ddpo_ray.config import DDPOConfig
 from ddpo_ray.diffusion import generate_images
 from ddpo_ray.models import compute_dtype
 from ddpo_ray.prompts import get_prompts, prompt_groups, spread_pick
+from ddpo_ray.run_dir import RunDirectory
 from ddpo_ray.seeding import EVALUATION, make_generator
 
 TRAIN_GROUP = "train"
@@ -136,6 +139,20 @@ def evaluate(pipe, cfg: DDPOConfig, eval_set: EvalSet, score: ScoreFn) -> tuple[
     return metrics, images, total
 
 
+def format_eval(policy_version: int, metrics: dict, cfg: DDPOConfig) -> str:
+    """The line both loops print after a held-out evaluation."""
+    line = f"eval v{policy_version:<3d} | reward {metrics['eval_reward_mean']:+.4f} +- {metrics['eval_reward_std']:.4f}"
+    extra = [name for name in cfg.eval_reward_names() if name not in cfg.reward.components()]
+    for name in extra:
+        line += f" | {name} {metrics[f'eval_{name}_mean']:+.4f}"
+    line += f" | best v{metrics['eval_best_version']}"
+    if "eval_guard_drop" in metrics:
+        line += f" | guard drop {metrics['eval_guard_drop']:.4f} (margin {cfg.eval.guard_margin})"
+        if metrics["eval_guard_stop"]:
+            line += " -> STOP"
+    return line
+
+
 class EvalTracker:
     """The best version by `eval.best_metric`, and the guard: stop when it falls too far.
 
@@ -174,3 +191,62 @@ class EvalTracker:
         """Rebuild the state from eval.jsonl rows (a resumed run)."""
         for row in rows:
             self.update(int(row["policy_version"]), row)
+
+
+class EvalRecorder:
+    """What both loops do with an evaluation: summarise, track, write, export, keep the best.
+
+    Built at the start of a run (or resume at `policy_version`): evaluations of later versions
+    are dropped from eval.jsonl and the tracker replays the rest, so a resumed run continues the
+    guard and the best-so-far exactly where they were.
+    """
+
+    def __init__(self, cfg: DDPOConfig, run_dir: RunDirectory, exported: Any, policy_version: int):
+        self.cfg, self.run_dir, self.exported = cfg, run_dir, exported
+        self.eval_set = EvalSet.from_config(cfg)
+        self.tracker = EvalTracker(cfg)
+        run_dir.truncate_evals(max_version=policy_version)
+        done = run_dir.read_evals()
+        self.tracker.replay(done)
+        self._done = {int(row["policy_version"]) for row in done}
+
+    def due(self, policy_version: int) -> bool:
+        """Is this version to be evaluated (and not already, before a resume)?"""
+        return eval_due(self.cfg, policy_version) and policy_version not in self._done
+
+    @property
+    def stopped(self) -> bool:
+        return self.tracker.stopped
+
+    def stop_message(self) -> str:
+        return (f"stopped: the guard reward fell past eval.guard_margin; best policy version "
+                f"{self.tracker.best_version} in {self.run_dir.best_dir}")
+
+    def record(
+        self,
+        policy_version: int,
+        images: np.ndarray,
+        scores: Mapping[str, np.ndarray],
+        policy_weights: Callable[[], Mapping[str, torch.Tensor]],
+        started: float,
+    ) -> dict[str, Any]:
+        """Record one evaluation; returns its `eval_*` metrics (for the epoch's metrics row).
+
+        `scores`: {reward name: per-image values}; `policy_weights()` gives the trainable state
+        dict of this version, called only when it is the best so far; `started`: perf_counter()
+        when the evaluation began.
+        """
+        cfg = self.cfg
+        metrics, total = summarise(cfg, self.eval_set, scores)
+        metrics.update(self.tracker.update(policy_version, metrics))
+        metrics["time_eval"] = time.perf_counter() - started
+        self.run_dir.append_eval({"policy_version": policy_version, **metrics})
+        self.run_dir.save_eval_grid(policy_version, images, self.eval_set.prompts, total.tolist())
+        self.exported.record_eval(policy_version, metrics)
+        if metrics["eval_is_best"]:
+            info = {"policy_version": policy_version, "after_epoch": policy_version - 1,
+                    cfg.eval.best_metric: self.tracker.best_value}
+            save_best(self.run_dir, policy_weights(), cfg.model.use_lora, info)
+        self._done.add(policy_version)
+        print(format_eval(policy_version, metrics, cfg), flush=True)
+        return metrics

@@ -18,13 +18,11 @@ from typing import Any, Sequence
 import torch
 
 from ddpo_ray.advantages import AdvantageEstimator
-from ddpo_ray.checkpoint import load_checkpoint, resolve_resume_path, save_best, save_checkpoint, trainable_state_dict
+from ddpo_ray.checkpoint import load_checkpoint, resolve_resume_path, save_checkpoint, trainable_state_dict
 from ddpo_ray.config import ConfigError, DDPOConfig, add_config_arguments, config_from_args
 from ddpo_ray.diffusion import Trajectories
-from ddpo_ray.epoch_steps import (
-    checkpoint_due, format_eval, format_progress, format_summary, sample_batch, summary, train_inner_epochs,
-)
-from ddpo_ray.evaluation import EvalSet, EvalTracker, eval_due, evaluate
+from ddpo_ray.epoch_steps import checkpoint_due, format_progress, format_summary, sample_batch, summary, train_inner_epochs
+from ddpo_ray.evaluation import EvalRecorder, generate_eval_images
 from ddpo_ray.metrics import EpochMetrics
 from ddpo_ray.models import load_pipeline, trainable_parameters
 from ddpo_ray.ppo import make_optimizer
@@ -61,36 +59,24 @@ def run(cfg: DDPOConfig, device: str | torch.device = "cpu") -> list[dict[str, A
         print(f"resumed from {path} at epoch {first_epoch}", flush=True)
 
     # --- held-out evaluation: fixed prompts and noise, deterministic sampling (eta 0) -------
-    eval_set, tracker = EvalSet.from_config(cfg), EvalTracker(cfg)
+    evals = EvalRecorder(cfg, run_dir, exported, policy_version)
     eval_weights = {name: 1.0 for name in cfg.eval_reward_names()}
 
     def evaluate_policy(version: int) -> dict[str, Any]:
         """Evaluate the current weights (policy `version`); record, keep the best, check the guard."""
         start = time.perf_counter()
-        metrics, images, total = evaluate(
-            pipe, cfg, eval_set, lambda imgs, prompts: compute_rewards(eval_weights, imgs, prompts)[1]
-        )
-        metrics.update(tracker.update(version, metrics))
-        metrics["time_eval"] = time.perf_counter() - start
-        run_dir.append_eval({"policy_version": version, **metrics})
-        run_dir.save_eval_grid(version, images, eval_set.prompts, total.tolist())
-        exported.record_eval(version, metrics)
-        if metrics["eval_is_best"]:
-            save_best(run_dir, trainable_state_dict(pipe.unet, cfg.model.use_lora), cfg.model.use_lora,
-                      {"policy_version": version, "after_epoch": version - 1, cfg.eval.best_metric: tracker.best_value})
-        print(format_eval(version, metrics, cfg), flush=True)
-        return metrics
+        images = generate_eval_images(pipe, cfg, evals.eval_set)
+        scores = compute_rewards(eval_weights, images, evals.eval_set.prompts)[1]
+        return evals.record(version, images, scores,
+                            lambda: trainable_state_dict(pipe.unet, cfg.model.use_lora), start)
 
-    run_dir.truncate_evals(max_version=policy_version)
-    tracker.replay(run_dir.read_evals())
-    if eval_due(cfg, policy_version) and policy_version not in {r["policy_version"] for r in run_dir.read_evals()}:
+    if evals.due(policy_version):
         evaluate_policy(policy_version)  # the base model, or where a resumed run stands
 
     history = run_dir.read_metrics()
     for epoch in range(first_epoch, cfg.num_epochs):
-        if tracker.stopped:
-            print(f"stopped: the guard reward fell past eval.guard_margin; best policy version "
-                  f"{tracker.best_version} in {run_dir.best_dir}", flush=True)
+        if evals.stopped:
+            print(evals.stop_message(), flush=True)
             break
         epoch_start = time.perf_counter()
 
@@ -131,7 +117,7 @@ def run(cfg: DDPOConfig, device: str | torch.device = "cpu") -> list[dict[str, A
             metrics.update(summary(f"reward_{name}", values, extremes=False))  # each unweighted component
         metrics.update(train_metrics)
         metrics.update(time_sampling=time_sampling, time_reward=time_reward, time_training=time_training)
-        if eval_due(cfg, policy_version):
+        if evals.due(policy_version):
             metrics.update(evaluate_policy(policy_version))  # of the weights this epoch produced
         metrics["time_epoch"] = time.perf_counter() - epoch_start
         run_dir.append_metrics(metrics)
@@ -139,7 +125,7 @@ def run(cfg: DDPOConfig, device: str | torch.device = "cpu") -> list[dict[str, A
         history.append(metrics)
         run_dir.save_sample_grid(epoch, trajectories.images.numpy(), trajectories.prompts, rewards.tolist())
         run_dir.save_reward_curve(history)
-        if checkpoint_due(cfg, epoch) or tracker.stopped:
+        if checkpoint_due(cfg, epoch) or evals.stopped:
             save_checkpoint(run_dir, epoch, pipe.unet, cfg.model.use_lora, optimizer, advantage_fn, policy_version)
         print(format_progress(metrics), flush=True)
 

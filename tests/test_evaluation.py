@@ -263,3 +263,16 @@ def test_evaluate_cli_rejects_what_it_cannot_evaluate(tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
     assert evaluate_main(["--checkpoint", str(tmp_path)]) == 2
     assert "expected a checkpoint directory" in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_its_evaluations_and_does_not_repeat_them(tmp_path):
+    common = [*SMALL, "save_freq=1", f"output_dir={tmp_path}", "run_name=res"]
+    run_local(build_config(overrides=[*common, "num_epochs=2"]))
+    run_local(build_config(overrides=[*common, "num_epochs=3", "resume_from=latest"]))
+    rows = [json.loads(line) for line in (tmp_path / "res" / "eval.jsonl").read_text().splitlines()]
+    assert [r["policy_version"] for r in rows] == [0, 1, 2, 3]
+    uninterrupted = tmp_path / "straight"
+    run_local(build_config(overrides=[*SMALL, "num_epochs=3", f"output_dir={uninterrupted}", "run_name=s"]))
+    straight = [json.loads(line) for line in (uninterrupted / "s" / "eval.jsonl").read_text().splitlines()]
+    assert [r["eval_reward_mean"] for r in rows] == [r["eval_reward_mean"] for r in straight]
+    assert [r["eval_best_version"] for r in rows] == [r["eval_best_version"] for r in straight]
