@@ -159,7 +159,7 @@ class EvalConfig(_Section):
         None, description="a reward that must not fall (over-optimisation guard); scored on eval images"
     )
     guard_margin: float = Field(
-        0.0, ge=0.0, description="stop when the guard's eval mean falls this far below its best so far"
+        0.0, ge=0.0, description="stop when the guard's eval mean falls more than this below its best so far"
     )
     best_metric: str = Field(
         "eval_reward_mean", description="eval key whose maximum picks the `best` checkpoint"
@@ -280,6 +280,11 @@ class DDPOConfig(_Section):
                     f"{self.train.num_inner_epochs} and {steps} steps per epoch (set num_inner_epochs=1 "
                     f"and train.batch_size x gradient_accumulation_steps = {per_worker})"
                 )
+        if self.train.algorithm == "ddpo_sf" and self.cluster.staleness != 0:
+            raise ValueError(
+                "train.algorithm='ddpo_sf' has no importance ratio to correct for samples drawn by an "
+                f"older policy; it needs cluster.staleness=0 (got {self.cluster.staleness})"
+            )
         if self.train.kl_coef > 0 and not self.model.use_lora:
             raise ValueError(
                 "train.kl_coef > 0 needs model.use_lora=true: the reference policy is the UNet with "

@@ -113,6 +113,7 @@ def run_distributed(
 
     # Held-out evaluation (ddpo_ray.evaluation): a sampler generates, the reward apps score.
     evals = EvalRecorder(cfg, run_dir, exported, first_version)
+    weight_transport = ObjectStoreTransport()  # the learner's: to fetch the best version's weights
     eval_client = None
     if cfg.eval.every:
         from reward_services.client import RewardClient
@@ -126,7 +127,7 @@ def run_distributed(
         weights = learner.policy(version).weights
         images = samplers.generate_eval(weights)
         scores = eval_client(images, list(evals.eval_set.prompts)).components
-        return evals.record(version, images, scores, lambda: ObjectStoreTransport().fetch(weights), start)
+        return evals.record(version, images, scores, lambda: weight_transport.fetch(weights), start)
 
     def finish_epoch(record: _SampledRecord) -> None:
         """The learner has trained `record.epoch`: write its metrics, pictures and checkpoint."""
@@ -152,15 +153,15 @@ def run_distributed(
         if evals.due(first_version):
             evaluate_policy(first_version)  # the base model, or where a resumed run stands
         for epoch in range(first_epoch, cfg.num_epochs):
-            if evals.stopped:
-                print(evals.stop_message(), flush=True)
-                break
             started = time.perf_counter()
             # 1. the policy this epoch is sampled with (staleness 0: the one trained on epoch - 1)
             version = sampling_version(epoch, cfg.cluster.staleness, first_version)
             policy = learner.policy(version)
             while waiting and waiting[0].epoch < version:
-                finish_epoch(waiting.popleft())
+                finish_epoch(waiting.popleft())  # may evaluate, and so trip the guard
+            if evals.stopped:  # (at staleness 1 the epoch already handed to the learner finishes)
+                print(evals.stop_message(), flush=True)
+                break
             time_waiting = time.perf_counter() - started
 
             # 2. sample on the samplers; rewards come back from Serve as batches finish

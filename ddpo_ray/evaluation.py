@@ -17,6 +17,7 @@ Versions evaluated: 0 (the base model, before training), every `eval.every`-th, 
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpo_ray.checkpoint import save_best
+from ddpo_ray.checkpoint import read_best_info, save_best
 from ddpo_ray.config import DDPOConfig
 from ddpo_ray.diffusion import generate_images
 from ddpo_ray.models import compute_dtype
@@ -170,17 +171,31 @@ class EvalTracker:
         self.guard_peak = -np.inf
         self.stopped = False
 
+    def _value(self, policy_version: int, metrics: Mapping[str, Any], key: str) -> float:
+        if key not in metrics:
+            raise ValueError(
+                f"the evaluation of policy version {policy_version} has no {key!r} (eval.best_metric / "
+                "eval.guard_reward name a reward that evaluation did not score; after changing them on "
+                "resume, start a new run_name)"
+            )
+        value = metrics[key]
+        return float("nan") if value is None else float(value)  # eval.jsonl stores nan as null
+
     def update(self, policy_version: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         stop = False
         if self.guard_key is not None:
-            guard = float(metrics[self.guard_key])
-            self.guard_peak = max(self.guard_peak, guard)
-            drop = self.guard_peak - guard
-            stop = drop > self.margin
+            guard = self._value(policy_version, metrics, self.guard_key)
+            if np.isfinite(guard):
+                self.guard_peak = max(self.guard_peak, guard)
+                drop = self.guard_peak - guard
+                stop = drop > self.margin
+            else:  # a guard that cannot be scored cannot vouch for the policy
+                drop, stop = float("nan"), True
             out.update(eval_guard_peak=self.guard_peak, eval_guard_drop=drop, eval_guard_stop=stop)
-        value = float(metrics[self.metric])
-        is_best = not stop and value > self.best_value
+        value = self._value(policy_version, metrics, self.metric)
+        # Nothing is best once the guard has tripped (at staleness 1 one more epoch is recorded).
+        is_best = not self.stopped and not stop and value > self.best_value
         if is_best:
             self.best_value, self.best_version = value, policy_version
         self.stopped = self.stopped or stop
@@ -209,10 +224,16 @@ class EvalRecorder:
         done = run_dir.read_evals()
         self.tracker.replay(done)
         self._done = {int(row["policy_version"]) for row in done}
+        best = read_best_info(run_dir)
+        if best is not None and best.get("policy_version") != self.tracker.best_version:
+            # Left by evaluations this resume dropped: its weights are not this run's best.
+            print(f"note: removing {run_dir.best_dir} (policy version {best.get('policy_version')}), "
+                  "written by evaluations after the resumed checkpoint", flush=True)
+            shutil.rmtree(run_dir.best_dir)
 
     def due(self, policy_version: int) -> bool:
-        """Is this version to be evaluated (and not already, before a resume)?"""
-        return eval_due(self.cfg, policy_version) and policy_version not in self._done
+        """Is this version to be evaluated (not already, before a resume; not after a guard stop)?"""
+        return eval_due(self.cfg, policy_version) and policy_version not in self._done and not self.stopped
 
     @property
     def stopped(self) -> bool:
@@ -240,13 +261,13 @@ class EvalRecorder:
         metrics, total = summarise(cfg, self.eval_set, scores)
         metrics.update(self.tracker.update(policy_version, metrics))
         metrics["time_eval"] = time.perf_counter() - started
+        if metrics["eval_is_best"]:  # before the row that says so, so a crash between never lies
+            info = {"policy_version": policy_version, "after_epoch": policy_version - 1 if policy_version else None,
+                    cfg.eval.best_metric: self.tracker.best_value}
+            save_best(self.run_dir, policy_weights(), cfg.model.use_lora, info)
         self.run_dir.append_eval({"policy_version": policy_version, **metrics})
         self.run_dir.save_eval_grid(policy_version, images, self.eval_set.prompts, total.tolist())
         self.exported.record_eval(policy_version, metrics)
-        if metrics["eval_is_best"]:
-            info = {"policy_version": policy_version, "after_epoch": policy_version - 1,
-                    cfg.eval.best_metric: self.tracker.best_value}
-            save_best(self.run_dir, policy_weights(), cfg.model.use_lora, info)
         self._done.add(policy_version)
         print(format_eval(policy_version, metrics, cfg), flush=True)
         return metrics

@@ -185,6 +185,11 @@ def train_epoch(
                 shuffled.prompt_embeds[rows], shuffled.negative_prompt_embeds[rows],
             )
             step_options = {"guidance_scale": guidance_scale, "eta": eta, "compute_dtype": compute_dtype}
+            if train.kl_coef > 0:
+                # Before the policy's forward: switching the adapter off between a (DDP) forward
+                # and its backward would change which parameters require grad in between.
+                with torch.no_grad(), reference_policy(unet) as reference:
+                    reference_mean, _ = policy_step_mean(reference, scheduler, *step_inputs, **step_options)
             mean, std = policy_step_mean(unet, scheduler, *step_inputs, **step_options)
             log_prob = gaussian_log_prob(shuffled.next_latents[rows, j], mean, std)
             old_log_prob = shuffled.log_probs[rows, j]
@@ -193,8 +198,6 @@ def train_epoch(
             else:
                 loss, stats = ppo_loss(log_prob, old_log_prob, mb_adv, train.clip_range, train.adv_clip_max)
             if train.kl_coef > 0:
-                with torch.no_grad(), reference_policy(unet) as reference:
-                    reference_mean, _ = policy_step_mean(reference, scheduler, *step_inputs, **step_options)
                 kl = step_kl(mean, reference_mean, std).mean()
                 loss = loss + train.kl_coef * kl
                 stats["kl_ref"] = kl.detach()

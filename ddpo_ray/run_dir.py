@@ -267,12 +267,17 @@ class RunDirectory:
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
 
+        # One x axis for both: the policy version. The training reward of epoch e was sampled by
+        # version e; an evaluation (eval.jsonl, or eval_* keys of a metrics row whose policy
+        # version says which) is of its own version, 0 being the base model.
+        evals = [{**row, "epoch": row.get("policy_version", row.get("epoch"))}
+                 for row in (self.read_evals() or rows)]
         plotted = False
-        for series_key, series_std_key, label, style in (
-            (key, std_key, key, {"marker": "o", "linestyle": "-"}),
-            (f"eval_{key}", f"eval_{std_key}", f"eval_{key} (held-out)", {"marker": "s", "linestyle": "--"}),
+        for series_rows, series_key, series_std_key, label, style in (
+            (rows, key, std_key, key, {"marker": "o", "linestyle": "-"}),
+            (evals, f"eval_{key}", f"eval_{std_key}", f"eval_{key} (held-out)", {"marker": "s", "linestyle": "--"}),
         ):
-            epochs, means, stds = _series(rows, series_key, series_std_key)
+            epochs, means, stds = _series(series_rows, series_key, series_std_key)
             if len(epochs) == 0:
                 continue
             (line,) = ax.plot(epochs, means, label=label, **style)
@@ -286,7 +291,7 @@ class RunDirectory:
         else:
             ax.text(0.5, 0.5, "no data yet", transform=ax.transAxes, ha="center", va="center", color="gray")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("policy version (for the training reward: its epoch)")
         ax.set_ylabel(key)
         ax.set_title(f"{key} per epoch: {self.root.name}")
         ax.grid(alpha=0.3)

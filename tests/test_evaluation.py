@@ -186,10 +186,17 @@ def test_ddpo_sf_takes_one_step_per_epoch(tmp_path):
         build_config(overrides=["train.algorithm=ddpo_sf"])  # tiny: 4 minibatches of 8
     with pytest.raises(ConfigError, match="num_inner_epochs=2"):
         build_config(overrides=["train.algorithm=ddpo_sf", "train.batch_size=32", "train.num_inner_epochs=2"])
-    cfg = build_config(overrides=[*SMALL, "train.algorithm=ddpo_sf", "num_epochs=1", "eval.every=0",
-                                  f"output_dir={tmp_path}", "run_name=sf"])
-    (metrics,) = run_local(cfg)
-    assert metrics["optimizer_steps"] == 1 and metrics["clipfrac"] == 0.0
+    with pytest.raises(ConfigError, match="ddpo_sf.*needs cluster.staleness=0"):
+        build_config(overrides=["train.algorithm=ddpo_sf", "train.batch_size=32", "cluster.staleness=1"])
+    losses = {}
+    for algorithm in ("ddpo_sf", "ddpo_is"):
+        cfg = build_config(overrides=[*SMALL, f"train.algorithm={algorithm}", "num_epochs=1", "eval.every=0",
+                                      f"output_dir={tmp_path}", f"run_name={algorithm}"])
+        (metrics,) = run_local(cfg)
+        assert metrics["optimizer_steps"] == 1 and metrics["clipfrac"] == 0.0
+        losses[algorithm] = metrics["loss"]
+    # At ratio 1 the IS loss is -mean(A) = 0 (group-normalised); SF's -mean(A log p) is not.
+    assert abs(losses["ddpo_is"]) < 1e-6 and abs(losses["ddpo_sf"]) > 1e-5, losses
 
 
 # --- the guard and the best checkpoint --------------------------------------------------------
@@ -206,21 +213,33 @@ def test_tracker_keeps_the_best_and_stops_when_the_guard_falls_past_the_margin()
     assert out[-1]["eval_guard_drop"] == pytest.approx(0.3)
 
 
+def test_tracker_stops_on_a_guard_it_cannot_score_and_names_missing_keys():
+    cfg = build_config(overrides=["eval.rewards=[aesthetic]", "eval.guard_reward=aesthetic"])
+    tracker = EvalTracker(cfg)
+    assert tracker.update(0, {"eval_reward_mean": -3.0, "eval_aesthetic_mean": None})["eval_guard_stop"]
+    with pytest.raises(ValueError, match="no 'eval_aesthetic_mean'"):
+        EvalTracker(cfg).update(0, {"eval_reward_mean": -3.0})
+
+
 def test_a_falling_guard_stops_the_run_and_best_is_the_best_epoch(tmp_path):
-    """Guard = the held-out compressibility itself, margin 0: the run stops at its first fall."""
+    """Optimise compressibility, guard incompressibility (exactly its opposite), margin 0: the run
+    stops at the guard's first fall, which is an objective high that must not become `best`."""
     cfg = build_config(overrides=[
         *SMALL, "num_epochs=8", "save_freq=0", "eval.best_metric=eval_reward_mean",
-        "eval.guard_reward=jpeg_compressibility", "eval.guard_margin=0.0", f"output_dir={tmp_path}", "run_name=g",
+        "eval.guard_reward=jpeg_incompressibility", "eval.guard_margin=0.0", f"output_dir={tmp_path}", "run_name=g",
     ])
     history = run_local(cfg)
     rows = [json.loads(line) for line in (tmp_path / "g" / "eval.jsonl").read_text().splitlines()]
-    guard = [r["eval_jpeg_compressibility_mean"] for r in rows]
-    first_fall = next(i for i in range(1, len(guard)) if guard[i] < max(guard[:i]))
+    guard = [r["eval_jpeg_incompressibility_mean"] for r in rows]
+    falls = [i for i in range(1, len(guard)) if guard[i] < max(guard[:i])]
+    assert falls, f"the guard never fell in {cfg.num_epochs} epochs: {guard}"
+    first_fall = falls[0]
     assert len(history) == first_fall < cfg.num_epochs  # stopped after the epoch that made the fall
     assert rows[-1]["eval_guard_stop"] and not any(r["eval_guard_stop"] for r in rows[:-1])
     assert history[-1]["eval_guard_stop"] is True
-    objective = [r["eval_reward_mean"] for r in rows[:-1]]
-    best = int(np.argmax(objective))
+    objective = [r["eval_reward_mean"] for r in rows]
+    assert objective[-1] > max(objective[:-1])  # the stopping version had the best objective ...
+    best = int(np.argmax(objective[:-1]))  # ... and is not `best`
     info = json.loads((tmp_path / "g" / "checkpoints" / "best" / "best.json").read_text())
     assert info["policy_version"] == best and info["eval_reward_mean"] == objective[best]
     # The best weights are that version's: evaluating them gives its recorded objective.
@@ -276,3 +295,11 @@ def test_a_resumed_run_keeps_its_evaluations_and_does_not_repeat_them(tmp_path):
     straight = [json.loads(line) for line in (uninterrupted / "s" / "eval.jsonl").read_text().splitlines()]
     assert [r["eval_reward_mean"] for r in rows] == [r["eval_reward_mean"] for r in straight]
     assert [r["eval_best_version"] for r in rows] == [r["eval_best_version"] for r in straight]
+
+    # Back to the first checkpoint (version 1): later evaluations, and a `best` among them, go.
+    run_local(build_config(overrides=[*common, "num_epochs=3",
+                                      f"resume_from={tmp_path / 'res' / 'checkpoints' / 'epoch_0000'}"]))
+    again = [json.loads(line) for line in (tmp_path / "res" / "eval.jsonl").read_text().splitlines()]
+    assert [r["eval_reward_mean"] for r in again] == [r["eval_reward_mean"] for r in straight]
+    best = json.loads((tmp_path / "res" / "checkpoints" / "best" / "best.json").read_text())
+    assert best["policy_version"] == straight[-1]["eval_best_version"]

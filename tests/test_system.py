@@ -130,6 +130,25 @@ def test_one_sampler_matches_the_single_process_loop(reward_apps, tmp_path):  # 
     assert (tmp_path / "ray" / "eval" / "version_0002.png").is_file()
 
 
+def test_guard_stops_the_distributed_run_at_staleness_one(reward_apps, tmp_path):  # noqa: F811
+    """Guard = incompressibility (the exact opposite of the training reward), margin 0: the run
+    stops at the guard's first fall; the epoch already handed to the learner is still recorded,
+    but nothing after the stop is evaluated or becomes `best`."""
+    cfg = build_config(overrides=[
+        *SMALL, "num_epochs=8", "cluster.staleness=1", "train.learning_rate=1e-2", "train.clip_range=1e-2",
+        "eval.every=1", "eval.prompts_per_group=2", "eval.guard_reward=jpeg_incompressibility",
+        "eval.guard_margin=0.0", f"output_dir={tmp_path}", "run_name=guard"])
+    history = run_distributed(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "guard" / "eval.jsonl").read_text().splitlines()]
+    guard = [r["eval_jpeg_incompressibility_mean"] for r in rows]
+    assert rows[-1]["eval_guard_stop"], f"the guard never fell in {cfg.num_epochs} epochs: {guard}"
+    stop = rows[-1]["policy_version"]
+    assert [r["policy_version"] for r in rows] == list(range(stop + 1))
+    assert stop <= len(history) <= stop + 1 < cfg.num_epochs + 1
+    best = json.loads((tmp_path / "guard" / "checkpoints" / "best" / "best.json").read_text())
+    assert best["policy_version"] == int(np.argmax([r["eval_reward_mean"] for r in rows[:-1]])) < stop
+
+
 def test_staleness_one_samples_with_the_previous_version(reward_apps, tmp_path):  # noqa: F811
     cfg = build_config(overrides=[*SMALL, "num_epochs=3", "cluster.staleness=1", f"output_dir={tmp_path}",
                                   "run_name=stale"])
