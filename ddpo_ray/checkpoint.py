@@ -19,7 +19,6 @@ The single-process loop writes both with `save_checkpoint`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,7 +27,7 @@ from diffusers import UNet2DConditionModel
 
 from ddpo_ray.advantages import AdvantageEstimator
 from ddpo_ray.models import lora_state_dict, load_lora_state_dict, save_lora
-from ddpo_ray.run_dir import RunDirectory
+from ddpo_ray.run_dir import RunDirectory, atomic_write
 
 LEARNER_STATE = "learner_state.pt"
 RUN_STATE = "run_state.pt"
@@ -162,17 +161,12 @@ def save_best(run_dir: RunDirectory, weights: Mapping[str, torch.Tensor], use_lo
     The weights file is replaced atomically before best.json, so best.json never names weights
     that are not there.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     directory = run_dir.best_dir
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{POLICY_WEIGHTS}.tmp"
     plain = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-    save_file(plain, str(tmp), metadata={"use_lora": str(bool(use_lora)).lower()})
-    os.replace(tmp, directory / POLICY_WEIGHTS)
-    tmp_info = directory / f".{BEST_INFO}.tmp"
-    tmp_info.write_text(json.dumps(dict(info), indent=1) + "\n")
-    os.replace(tmp_info, directory / BEST_INFO)
+    atomic_write(directory / POLICY_WEIGHTS, save(plain, metadata={"use_lora": str(bool(use_lora)).lower()}))
+    atomic_write(directory / BEST_INFO, (json.dumps(dict(info), indent=1) + "\n").encode("utf-8"))
     return directory
 
 

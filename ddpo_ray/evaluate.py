@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddpo_ray.checkpoint import load_policy_weights, load_trainable_state_dict, trainable_state_dict
+from ddpo_ray.checkpoint import load_policy_weights, read_best_info, load_trainable_state_dict, trainable_state_dict
 from ddpo_ray.config import ConfigError, DDPOConfig, add_config_arguments, build_config
 from ddpo_ray.evaluation import EvalSet, evaluate
 from ddpo_ray.models import load_pipeline, trainable_parameters
@@ -36,7 +36,7 @@ def models_of_run(run: Path) -> list[tuple[str, Path]]:
     """(label, checkpoint) for a run directory: checkpoints/best (if any) and the newest epoch."""
     run_dir = RunDirectory(run)
     found = []
-    if (run_dir.best_dir / "best.json").is_file():
+    if read_best_info(run_dir) is not None:
         found.append(("best", run_dir.best_dir))
     latest = run_dir.latest_checkpoint()
     if latest is not None:

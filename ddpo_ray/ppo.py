@@ -46,15 +46,26 @@ def ppo_loss(
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
     loss = torch.maximum(unclipped, clipped).mean()
+    return loss, _step_stats(loss, log_probs, old_log_probs, clip_range)
+
+
+def _step_stats(
+    loss: torch.Tensor, log_probs: torch.Tensor, old_log_probs: torch.Tensor, clip_range: float | None
+) -> dict[str, torch.Tensor]:
+    """Detached statistics of a loss over a batch of steps; clipfrac 0 when nothing clips (None)."""
     with torch.no_grad():
-        stats = {
+        ratio = torch.exp(log_probs - old_log_probs)
+        if clip_range is None:
+            clipped = torch.zeros_like(ratio, dtype=torch.bool)
+        else:
+            clipped = (ratio - 1.0).abs() > clip_range
+        return {
             "loss": loss.detach(),
             "approx_kl": 0.5 * ((log_probs - old_log_probs) ** 2).mean(),
-            "clipfrac": ((ratio - 1.0).abs() > clip_range).float().mean(),
+            "clipfrac": clipped.float().mean(),
             "ratio_mean": ratio.mean(),
             "ratio_max_dev": (ratio - 1.0).abs().max(),
         }
-    return loss, stats
 
 
 def score_function_loss(
@@ -69,16 +80,7 @@ def score_function_loss(
     """
     advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
     loss = (-advantages * log_probs).mean()
-    with torch.no_grad():
-        ratio = torch.exp(log_probs - old_log_probs)
-        stats = {
-            "loss": loss.detach(),
-            "approx_kl": 0.5 * ((log_probs - old_log_probs) ** 2).mean(),
-            "clipfrac": torch.zeros((), device=log_probs.device),
-            "ratio_mean": ratio.mean(),
-            "ratio_max_dev": (ratio - 1.0).abs().max(),
-        }
-    return loss, stats
+    return loss, _step_stats(loss, log_probs, old_log_probs, clip_range=None)
 
 
 def step_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

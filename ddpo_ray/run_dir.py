@@ -100,7 +100,7 @@ class RunDirectory:
             raise TypeError(f"config: expected a mapping, got {type(config).__name__}")
         plain = _to_plain(config, "config", nonfinite_to_none=False)
         text = yaml.safe_dump(plain, sort_keys=False, allow_unicode=True)
-        _atomic_write(self.config_path, text.encode("utf-8"))
+        atomic_write(self.config_path, text.encode("utf-8"))
         return self.config_path
 
     # --- metrics --------------------------------------------------------------------------
@@ -127,8 +127,7 @@ class RunDirectory:
         if not self.eval_path.exists():
             return
         kept = [row for row in self.read_evals() if row.get("policy_version", math.inf) <= max_version]
-        text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in kept)
-        _atomic_write(self.eval_path, text.encode("utf-8"))
+        _write_rows(self.eval_path, kept)
 
     def _append_row(self, path: Path, row: Mapping[str, Any], what: str) -> None:
         if not isinstance(row, Mapping):
@@ -186,8 +185,7 @@ class RunDirectory:
             row for row in self.read_metrics()
             if isinstance(row.get("epoch"), (int, float)) and row["epoch"] <= after_epoch
         ]
-        text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in kept)
-        _atomic_write(self.metrics_path, text.encode("utf-8"))
+        _write_rows(self.metrics_path, kept)
 
     def _drop_partial_last_line(self, path: Path) -> None:
         """Before appending, remove a half-written last line left by a killed run.
@@ -299,7 +297,7 @@ class RunDirectory:
 
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")
-        _atomic_write(self.reward_curve_path, buffer.getvalue())
+        atomic_write(self.reward_curve_path, buffer.getvalue())
         return self.reward_curve_path
 
     # --- checkpoints ----------------------------------------------------------------------
@@ -334,7 +332,7 @@ class RunDirectory:
                 f"checkpoint for epoch {epoch}: expected the directory {directory} to exist "
                 "(write the checkpoint before marking it complete)"
             )
-        _atomic_write(directory / COMPLETE_MARKER, f"epoch {epoch}\n".encode("utf-8"))
+        atomic_write(directory / COMPLETE_MARKER, f"epoch {epoch}\n".encode("utf-8"))
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -396,11 +394,17 @@ def write_image_grid(
 
     buffer = io.BytesIO()
     grid.save(buffer, format="PNG")
-    _atomic_write(Path(path), buffer.getvalue())
+    atomic_write(Path(path), buffer.getvalue())
     return Path(path)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Rewrite a JSON-lines file with `rows` (already plain, as read back), atomically."""
+    text = "".join(json.dumps(row, allow_nan=False) + "\n" for row in rows)
+    atomic_write(path, text.encode("utf-8"))
+
+
+def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file next to `path`, fsync, then rename over it (atomic on POSIX)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -273,6 +273,9 @@ def test_evaluate_cli_on_a_two_epoch_run_writes_the_table_and_grid(tmp_path, cap
 
     grid = Image.open(run / "evaluation" / "eval_grid.png")
     assert grid.width > 3 * 128 and grid.height > len(table["eval_prompts"]) * 128
+    # A LoRA checkpoint under a full fine-tune config is refused, naming both sides.
+    assert evaluate_main(["--run", str(run), "--no-base", "model.use_lora=false"]) == 2
+    assert "has use_lora=True; the config has model.use_lora=False" in capsys.readouterr().err
 
 
 def test_evaluate_cli_rejects_what_it_cannot_evaluate(tmp_path, capsys):
@@ -303,3 +306,32 @@ def test_a_resumed_run_keeps_its_evaluations_and_does_not_repeat_them(tmp_path):
     assert [r["eval_reward_mean"] for r in again] == [r["eval_reward_mean"] for r in straight]
     best = json.loads((tmp_path / "res" / "checkpoints" / "best" / "best.json").read_text())
     assert best["policy_version"] == straight[-1]["eval_best_version"]
+
+
+def test_bad_eval_settings_name_the_field():
+    with pytest.raises(ConfigError, match="eval.best_metric='eval_aesthetic_mean' is not written by evaluation"):
+        build_config(overrides=["eval.best_metric=eval_aesthetic_mean"])
+    with pytest.raises(ConfigError, match="eval.guard_reward is evaluated on held-out images; set eval.every >= 1"):
+        build_config(overrides=["eval.every=0", "eval.guard_reward=aesthetic"])
+    with pytest.raises(ConfigError, match="eval reward 'beauty' is unknown"):
+        build_config(overrides=["eval.rewards=[beauty]"])
+    cfg = build_config(overrides=["eval.rewards=[aesthetic]", "eval.prompts_per_group=1"])
+    eval_set = EvalSet.from_config(cfg)
+    from ddpo_ray.evaluation import summarise
+
+    with pytest.raises(ValueError, match=r"eval rewards missing from the scores: \['aesthetic'\]"):
+        summarise(cfg, eval_set, {"jpeg_compressibility": np.zeros(len(eval_set))})
+    with pytest.raises(ValueError, match="eval reward 'jpeg_compressibility': 1 values for 2 images"):
+        summarise(cfg, eval_set, {"jpeg_compressibility": np.zeros(1), "aesthetic": np.zeros(2)})
+
+
+def test_an_eval_row_needs_its_policy_version(tmp_path):
+    from ddpo_ray.run_dir import RunDirectory
+
+    with pytest.raises(ValueError, match="integer 'policy_version'"):
+        RunDirectory(tmp_path).append_eval({"eval_reward_mean": 1.0})
+
+
+def test_evaluate_cli_with_nothing_to_evaluate(capsys):
+    assert evaluate_main(["--no-base"]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
