@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean-venv system-tools
+.PHONY: run test test-fast bench clean-venv system-tools
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ system-tools:
 
 test: $(STAMP) system-tools
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The pure tests (no Ray, nothing slow): the loop to run while editing; under a minute here.
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not ray and not slow"
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/core.py

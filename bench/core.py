@@ -29,11 +29,13 @@ from pathlib import Path
 import torch
 
 from ddpo_ray.config import build_config
-from ddpo_ray.diffusion import sample_trajectories
-from ddpo_ray.local import run as run_local_loop
-from ddpo_ray.models import compute_dtype, load_pipeline, trainable_parameters
-from ddpo_ray.ppo import make_optimizer, train_epoch
-from ddpo_ray.prompts import SIMPLE_ANIMALS
+from ddpo_ray.infra.hf_loading import compute_dtype
+from ddpo_ray.maths.diffusion import sample_trajectories
+from ddpo_ray.maths.ppo import make_optimizer, train_epoch
+from ddpo_ray.models.lora import trainable_parameters
+from ddpo_ray.models.pipelines import load_pipeline
+from ddpo_ray.prompts.sets import SIMPLE_ANIMALS
+from ddpo_ray.training.local_loop import run_local as run_local_loop
 
 
 def sync(device: torch.device) -> None:

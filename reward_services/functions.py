@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ddpo_ray.infra.reward_names import REWARD_NAMES
 from reward_services.jpeg import jpeg_compressibility, jpeg_incompressibility
 
 # name -> f(images (N, H, W, 3) uint8, prompts) -> rewards (N,)
@@ -52,7 +53,7 @@ def reward_function(name: str) -> Callable[[np.ndarray, Sequence[str]], np.ndarr
         if name not in _loaded_models:
             _loaded_models[name] = MODEL_REWARDS[name]()
         return _loaded_models[name]
-    raise ValueError(f"unknown reward {name!r}; expected one of {sorted([*IN_PROCESS_REWARDS, *MODEL_REWARDS])}")
+    raise ValueError(f"unknown reward {name!r}; expected one of {list(REWARD_NAMES)}")
 
 
 def compute_rewards(

@@ -28,6 +28,8 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.requests import Request
 
+from ddpo_ray.infra.images import as_image_list
+
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 
 
@@ -129,10 +131,10 @@ def validate_batch(
     limits: RequestLimits,
 ) -> tuple[list[np.ndarray], list[str], list[dict[str, Any]] | None]:
     """Check a batch as handles deliver it: uint8 (H, W, 3) arrays, one prompt per image."""
-    if isinstance(images, np.ndarray):
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise RewardInputError(f"images array has shape {images.shape}; expected (N, H, W, 3) uint8")
-        images = list(images)
+    try:
+        images = as_image_list(images, allow_pil=False)
+    except ValueError as exc:
+        raise RewardInputError(str(exc)) from None
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise RewardInputError(f"prompts is {type(prompts).__name__}; expected a list of strings")
     images, prompts = list(images), list(prompts)
@@ -144,18 +146,6 @@ def validate_batch(
             status=413,
         )
     for i, image in enumerate(images):
-        if (
-            not isinstance(image, np.ndarray)
-            or image.dtype != np.uint8
-            or image.ndim != 3
-            or image.shape[-1] != 3
-        ):
-            got = (
-                f"{image.dtype} array of shape {image.shape}"
-                if isinstance(image, np.ndarray)
-                else type(image).__name__
-            )
-            raise RewardInputError(f"images[{i}] is a {got}; expected a uint8 array of shape (H, W, 3)")
         check_pixels(i, image.shape[1], image.shape[0], limits)
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):

@@ -23,6 +23,7 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from ddpo_ray.infra.reward_names import JPEG_REWARDS
 from reward_services.http_api import (
     RequestLimits,
     answer_http,
@@ -68,10 +69,8 @@ class JpegReward:
     """`score(images, prompts, metadata)` through handles; `POST /` over HTTP."""
 
     def __init__(self, reward_name: JpegRewardName, limits: Mapping[str, Any]):
-        if reward_name not in ("jpeg_compressibility", "jpeg_incompressibility"):
-            raise ValueError(
-                f"reward_name={reward_name!r}; expected jpeg_compressibility or jpeg_incompressibility"
-            )
+        if reward_name not in JPEG_REWARDS:
+            raise ValueError(f"reward_name={reward_name!r}; expected one of {list(JPEG_REWARDS)}")
         self.reward_name = reward_name
         self.sign = -1.0 if reward_name == "jpeg_compressibility" else 1.0
         self.limits = RequestLimits.model_validate(dict(limits))

@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from ddpo_ray.advantages import AdvantageEstimator, PerPromptStatTracker, batch_advantages, group_advantages
+from ddpo_ray.maths.advantages import (
+    AdvantageEstimator,
+    PerPromptStatTracker,
+    batch_advantages,
+    group_advantages,
+)
 
 
 def test_buffer_is_bounded():

@@ -11,20 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.ray_fixtures import REPO
+from tests.helpers import REPO, free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture
@@ -32,7 +27,7 @@ def two_node_cluster():
     from ray.cluster_utils import Cluster
 
     env_before = os.environ.get("RAY_AUTH_MODE")
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 4, "include_dashboard": True, "dashboard_port": dashboard_port,
@@ -53,7 +48,7 @@ def test_job_submit_runs_samplers_on_the_second_node(two_node_cluster, tmp_path)
     out = tmp_path / "outputs"
     # One word per argument: `ray job submit` quotes each when it builds the shell command.
     entrypoint = [
-        sys.executable, "-m", "ddpo_ray.run", f"--serve-port={_free_port()}",
+        sys.executable, "-m", "ddpo_ray.run", f"--serve-port={free_port()}",
         "num_epochs=1", "sample.num_steps=3", "sample.batch_size=2", "sample.num_batches_per_epoch=2",
         "train.batch_size=2", "cluster.num_samplers=2", "cluster.cpus_per_sampler=0.5",
         "cluster.cpus_per_learner_worker=0.5", "cluster.sampler_resources={sampler_node: 1}",

@@ -7,28 +7,98 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
+import shlex
 import shutil
 import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import ray
 import yaml
 from ray.serve.schema import ServeDeploySchema
+from setuptools import find_packages
 
 from ddpo_ray.config import build_config
-from ddpo_ray.metrics import metric_names
+from ddpo_ray.records.metrics import metric_names
 from reward_services.registry import REWARD_APPS
-from tests.ray_fixtures import REPO
+from tests.helpers import REPO
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 COMPOSE = REPO / "docker-compose.yml"
 GRAFANA = REPO / "deploy" / "grafana"
 KUBERAY = REPO / "deploy" / "kuberay"
 IMAGE = "ddpo-ray:latest"
+PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 
 
 def compose_config() -> dict:
-    return yaml.safe_load(COMPOSE.read_text())
+    return yaml.safe_load(COMPOSE.read_text())  # YAML merge keys (<<: *ray-node) resolved
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str  # a named volume, or a host path resolved against the compose file's directory
+    target: str
+    read_only: bool
+    named: bool  # a named volume (shared between services), not a bind mount
+
+
+def mounts(service: dict) -> list[Mount]:
+    """A service's volumes, short ("src:dst[:ro]") or long syntax, as Mounts."""
+    found = []
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            source, target = volume.get("source", ""), volume["target"]
+            read_only = bool(volume.get("read_only"))
+        else:
+            source, target, *mode = volume.split(":")
+            read_only = "ro" in mode
+        named = volume.get("type") == "volume" if isinstance(volume, dict) else not source.startswith((".", "/", "~"))
+        if not named:
+            source = str((COMPOSE.parent / source).resolve())
+        found.append(Mount(source, target, read_only, named))
+    return found
+
+
+def mount_holding(service: dict, path: str) -> tuple[Mount, str]:
+    """The mount a container path lies in (the deepest one), and the path relative to it."""
+    within = [m for m in mounts(service) if path == m.target or path.startswith(m.target.rstrip("/") + "/")]
+    assert within, f"nothing is mounted at {path} ({service.get('volumes')})"
+    mount = max(within, key=lambda m: len(m.target))
+    return mount, posixpath.relpath(path, mount.target)
+
+
+def flags(command: str | list[str]) -> dict[str, str | bool]:
+    """--name=value / --name value / --name of a command line, by name."""
+    words = shlex.split(command) if isinstance(command, str) else list(command)
+    found: dict[str, str | bool] = {}
+    for i, word in enumerate(words):
+        if word.startswith("--"):
+            name, eq, value = word[2:].partition("=")
+            if eq:
+                found[name] = value
+            elif i + 1 < len(words) and not words[i + 1].startswith("--"):
+                found[name] = words[i + 1]
+            else:
+                found[name] = True
+    return found
+
+
+def published_container_ports(service: dict) -> set[int]:
+    ports = set()
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            ports.add(int(port["target"]))
+        else:
+            ports.add(int(str(port).split("/")[0].rsplit(":", 1)[-1]))
+    return ports
 
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed (make test installs it)")
@@ -42,38 +112,134 @@ def test_docker_compose_validates():
     assert result.returncode != 0 and "RAY_AUTH_TOKEN" in result.stderr
 
 
+def test_docker_compose_builds_from_files_in_the_repo():
+    services = compose_config()["services"]
+    built = {name: s["build"] for name, s in services.items() if "build" in s}
+    assert built, "no service builds the image"
+    for name, build in built.items():
+        build = {"context": build} if isinstance(build, str) else build
+        context = (COMPOSE.parent / build.get("context", ".")).resolve()
+        assert context.is_dir(), (name, context)
+        assert (context / build.get("dockerfile", "Dockerfile")).is_file(), (name, build)
+    # Every Ray node runs the image the head builds, the one the KubeRay manifests name.
+    head, worker = services["ray-head"], services["ray-gpu-worker"]
+    assert "build" in head and head["image"] == worker["image"] == IMAGE
+
+
 def test_docker_compose_wires_ray_prometheus_and_grafana():
     services = compose_config()["services"]
     assert set(services) == {"ray-head", "ray-gpu-worker", "prometheus", "grafana"}
     head, worker = services["ray-head"], services["ray-gpu-worker"]
-    assert head["build"]["dockerfile"] == "deploy/Dockerfile"
-    assert head["image"] == worker["image"] == IMAGE
-    assert "--head" in head["command"] and "--metrics-export-port=8080" in head["command"]
-    assert "8265:8265" in head["ports"]
+    head_flags, worker_flags = flags(head["command"]), flags(worker["command"])
+    assert shlex.split(head["command"])[:2] == ["ray", "start"] and head_flags.get("head") is True
+    assert shlex.split(worker["command"])[:2] == ["ray", "start"] and "head" not in worker_flags
+    # The worker joins the head: its service name and GCS port.
+    assert worker_flags["address"] == f"ray-head:{head_flags.get('port', 6379)}"
+    # Every node exports metrics on a fixed port (the service-discovery file lists it per node).
+    for node_flags in (head_flags, worker_flags):
+        assert int(node_flags["metrics-export-port"]) > 0
+    # The dashboard (and job submission) listens beyond the container's loopback and is published.
+    assert head_flags["dashboard-host"] == "0.0.0.0"
+    assert int(head_flags.get("dashboard-port", 8265)) in published_container_ports(head)
     for node in (head, worker):
         assert node["environment"]["RAY_AUTH_MODE"] == "token"
-    assert "--address=ray-head:6379" in worker["command"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    # Prometheus reads the service-discovery file the head writes into the shared /tmp/ray.
-    assert "ray-tmp:/tmp/ray" in head["volumes"]
-    assert "ray-tmp:/tmp/ray:ro" in services["prometheus"]["volumes"]
-    assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in services["prometheus"]["volumes"]
-    grafana_volumes = services["grafana"]["volumes"]
-    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana_volumes
-    assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana_volumes
+
+    # Prometheus reads the service-discovery file from the volume the head writes it into: the
+    # path its config names lies, read-only, in the same named volume, at the same place in it.
+    prometheus = services["prometheus"]
+    prom_config_file = flags(prometheus["command"])["config.file"]
+    config_mount, rest = mount_holding(prometheus, prom_config_file)
+    assert config_mount.read_only and not config_mount.named
+    assert Path(config_mount.source, rest).resolve() == PROMETHEUS_CONFIG.resolve()
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    (discovery,) = config["scrape_configs"][0]["file_sd_configs"][0]["files"]
+    head_temp_dir = head_flags.get("temp-dir", "/tmp/ray")  # where the head writes the file
+    assert posixpath.dirname(discovery) == head_temp_dir
+    written, written_at = mount_holding(head, discovery)
+    read, read_at = mount_holding(prometheus, discovery)
+    assert written.named and read.source == written.source and read_at == written_at
+    assert read.read_only and not written.read_only
+
+    # Grafana provisions from the repo's provisioning directory, and its dashboard provider
+    # reads the repo's dashboards directory, both mounted read-only.
+    grafana = services["grafana"]
+    provisioning, rest = mount_holding(grafana, grafana.get("environment", {}).get(
+        "GF_PATHS_PROVISIONING", "/etc/grafana/provisioning"))  # Grafana's default
+    assert provisioning.read_only and Path(provisioning.source, rest).resolve() == (GRAFANA / "provisioning").resolve()
+    provider = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "ddpo.yml").read_text())
+    dashboards, rest = mount_holding(grafana, provider["providers"][0]["options"]["path"])
+    assert dashboards.read_only and Path(dashboards.source, rest).resolve() == (GRAFANA / "dashboards").resolve()
+    home, rest = mount_holding(grafana, grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"])
+    assert Path(home.source, rest).is_file()  # the home dashboard is a file of the repo
+    for service in services.values():
+        for mount in mounts(service):
+            if not mount.named and mount.read_only:
+                assert Path(mount.source).exists(), mount  # a config the repo must hold
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order: comments dropped, continuation lines joined."""
+    instructions, current = [], ""
+    for line in path.read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        keyword, _, args = (current + stripped).partition(" ")
+        instructions.append((keyword.upper(), args.strip()))
+        current = ""
+    return instructions
+
+
+def copy_args(args: str) -> tuple[dict[str, str], list[str], str]:
+    """COPY's --flags, sources and destination (shell or JSON form)."""
+    words = json.loads(args) if args.startswith("[") else shlex.split(args)
+    options = dict(w[2:].partition("=")[::2] for w in words if w.startswith("--"))
+    paths = [w for w in words if not w.startswith("--")]
+    return options, paths[:-1], paths[-1]
 
 
 def test_dockerfile_installs_this_package():
-    dockerfile = (REPO / "deploy" / "Dockerfile").read_text()
-    for line in ("COPY ddpo_ray ddpo_ray", "COPY reward_services reward_services", "RUN pip install ."):
-        assert line in dockerfile
+    compose_build = compose_config()["services"]["ray-head"]["build"]
+    context = (COMPOSE.parent / compose_build["context"]).resolve()
+    instructions = dockerfile_instructions(context / compose_build["dockerfile"])
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = {p.split(".")[0] for p in find_packages(
+        where=REPO, include=pyproject["tool"]["setuptools"]["packages"]["find"]["include"])}
+    assert packages >= {"ddpo_ray", "reward_services"}
+    needed = {"pyproject.toml", pyproject["project"]["readme"], *packages}  # what `pip install .` reads
+
+    workdir, in_image, installs = "/", {}, []  # in_image: path in the image -> its source in the context
+    for keyword, args in instructions:
+        if keyword == "WORKDIR":
+            workdir = posixpath.join(workdir, args)
+        elif keyword in ("COPY", "ADD"):
+            options, sources, dest = copy_args(args)
+            if "from" in options:
+                continue  # from another build stage, not the context
+            for source in sources:
+                assert list(context.glob(source)), f"{keyword} {source}: not in the build context {context}"
+                dest_dir = dest.endswith("/") or dest in (".", "./") or len(sources) > 1
+                target = posixpath.join(workdir, dest, posixpath.basename(source)) if dest_dir else posixpath.join(workdir, dest)
+                in_image[posixpath.normpath(target)] = source
+        elif keyword == "RUN":
+            words = shlex.split(args)
+            if "pip" in " ".join(words) and "install" in words and ("." in words or "./" in words):
+                installs.append((workdir, dict(in_image)))
+    assert installs, "no RUN pip-installs the package (pip install .)"
+    install_dir, copied = installs[-1]
+    missing = {p for p in needed if copied.get(posixpath.join(install_dir, p)) != p}
+    assert not missing, f"not copied to {install_dir} before `pip install .`: {sorted(missing)}"
 
 
 def test_prometheus_config_uses_rays_service_discovery_file():
     from ray._private import ray_constants
 
-    config = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     (job,) = config["scrape_configs"]
     assert job["file_sd_configs"][0]["files"] == [f"/tmp/ray/{ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE}"]
 

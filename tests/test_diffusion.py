@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from ddpo_ray.diffusion import ddim_step_with_logprob
+from ddpo_ray.maths.diffusion import ddim_step_with_logprob
 
 
 def make_scheduler(prediction_type: str = "epsilon", steps: int = 50) -> DDIMScheduler:

@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from ddpo_ray.checkpoint import load_policy_weights, load_trainable_state_dict
 from ddpo_ray.config import ConfigError, TrainConfig, build_config
-from ddpo_ray.diffusion import policy_step_mean, sample_trajectories, trajectory_log_prob
 from ddpo_ray.evaluate import main as evaluate_main
-from ddpo_ray.evaluation import EvalSet, EvalTracker, evaluate, generate_eval_images, initial_latents
-from ddpo_ray.local import run as run_local
-from ddpo_ray.models import add_lora, load_tiny_pipeline, reference_policy
-from ddpo_ray.ppo import make_optimizer, ppo_loss, score_function_loss, step_kl, train_epoch
+from ddpo_ray.maths.diffusion import policy_step_mean, sample_trajectories, trajectory_log_prob
+from ddpo_ray.maths.ppo import make_optimizer, ppo_loss, score_function_loss, step_kl, train_epoch
+from ddpo_ray.models.lora import add_lora, load_trainable_state_dict, reference_policy
+from ddpo_ray.models.pipelines import load_tiny_pipeline
+from ddpo_ray.records.checkpoint import load_policy_weights
+from ddpo_ray.training.evaluation import EvalSet, EvalTracker, evaluate, generate_eval_images, initial_latents
+from ddpo_ray.training.local_loop import run_local
 from reward_services.functions import compute_rewards
 
 SMALL = [
@@ -60,6 +61,7 @@ def test_eval_set_has_train_and_held_out_groups():
     assert sd15.group_names() == ["train", "held_out_animals", "inanimate_objects"]
 
 
+@pytest.mark.slow
 def test_a_run_evaluates_the_same_base_images_as_a_fresh_model(tmp_path):
     """Version 0 of a run is the base model from the fixed noise: a fresh pipeline gives the same
     images and rewards, and so does the run's own evaluation of it (eval.jsonl)."""
@@ -117,6 +119,7 @@ def _train(kl_coef: float) -> tuple[float, float, dict]:
     return at_init, _kl_to_reference(pipe, traj), metrics
 
 
+@pytest.mark.slow
 def test_kl_is_zero_at_init_grows_with_updates_and_the_penalty_holds_it_down():
     at_init, free, free_metrics = _train(kl_coef=0.0)
     _, penalised, metrics = _train(kl_coef=10.0)
@@ -128,6 +131,7 @@ def test_kl_is_zero_at_init_grows_with_updates_and_the_penalty_holds_it_down():
     assert metrics["kl_ref"] > 0
 
 
+@pytest.mark.slow
 def test_reference_policy_switches_the_adapter_back_on():
     cfg = build_config()
     pipe = fresh_policy(cfg)
@@ -181,6 +185,7 @@ def test_score_function_and_importance_sampling_agree_on_the_first_gradient():
     torch.testing.assert_close(sf_grad, is_grad, rtol=1e-3, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_ddpo_sf_takes_one_step_per_epoch(tmp_path):
     with pytest.raises(ConfigError, match="ddpo_sf.*exactly one optimizer step"):
         build_config(overrides=["train.algorithm=ddpo_sf"])  # tiny: 4 minibatches of 8
@@ -221,6 +226,7 @@ def test_tracker_stops_on_a_guard_it_cannot_score_and_names_missing_keys():
         EvalTracker(cfg).update(0, {"eval_reward_mean": -3.0})
 
 
+@pytest.mark.slow
 def test_a_falling_guard_stops_the_run_and_best_is_the_best_epoch(tmp_path):
     """Optimise compressibility, guard incompressibility (exactly its opposite), margin 0: the run
     stops at the guard's first fall, which is an objective high that must not become `best`."""
@@ -255,6 +261,7 @@ def test_a_falling_guard_stops_the_run_and_best_is_the_best_epoch(tmp_path):
 # --- python -m ddpo_ray.evaluate ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_evaluate_cli_on_a_two_epoch_run_writes_the_table_and_grid(tmp_path, capsys):
     run_local(build_config(overrides=[*SMALL, "num_epochs=2", f"output_dir={tmp_path}", "run_name=two"]))
     run = tmp_path / "two"
@@ -287,6 +294,7 @@ def test_evaluate_cli_rejects_what_it_cannot_evaluate(tmp_path, capsys):
     assert "expected a checkpoint directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_evaluations_and_does_not_repeat_them(tmp_path):
     common = [*SMALL, "save_freq=1", f"output_dir={tmp_path}", "run_name=res"]
     run_local(build_config(overrides=[*common, "num_epochs=2"]))
@@ -317,7 +325,7 @@ def test_bad_eval_settings_name_the_field():
         build_config(overrides=["eval.rewards=[beauty]"])
     cfg = build_config(overrides=["eval.rewards=[aesthetic]", "eval.prompts_per_group=1"])
     eval_set = EvalSet.from_config(cfg)
-    from ddpo_ray.evaluation import summarise
+    from ddpo_ray.training.evaluation import summarise
 
     with pytest.raises(ValueError, match=r"eval rewards missing from the scores: \['aesthetic'\]"):
         summarise(cfg, eval_set, {"jpeg_compressibility": np.zeros(len(eval_set))})
@@ -326,7 +334,7 @@ def test_bad_eval_settings_name_the_field():
 
 
 def test_an_eval_row_needs_its_policy_version(tmp_path):
-    from ddpo_ray.run_dir import RunDirectory
+    from ddpo_ray.records.run_dir import RunDirectory
 
     with pytest.raises(ValueError, match="integer 'policy_version'"):
         RunDirectory(tmp_path).append_eval({"eval_reward_mean": 1.0})

@@ -39,9 +39,9 @@ def test_weighted_combination():
 
 
 def test_bad_images_are_rejected():
-    with pytest.raises(ValueError, match=r"expected \(N, H, W, 3\)"):
+    with pytest.raises(ValueError, match=r"expected a uint8 array of shape \(N, H, W, 3\)"):
         jpeg_compressibility(np.zeros((64, 64, 3), dtype=np.uint8))
-    with pytest.raises(ValueError, match="image 0 is float32"):
+    with pytest.raises(ValueError, match=r"images\[0\] is a float32"):
         jpeg_compressibility([np.zeros((8, 8, 3), dtype=np.float32)])
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         compute_rewards({"jpeg_compressibility": 1.0}, images(), ["x"])

@@ -2,12 +2,14 @@
 
 import json
 
+import pytest
 import torch
 
 from ddpo_ray.config import build_config
-from ddpo_ray.diffusion import sample_trajectories
-from ddpo_ray.local import main, run
-from ddpo_ray.models import load_tiny_pipeline
+from ddpo_ray.local import main
+from ddpo_ray.maths.diffusion import sample_trajectories
+from ddpo_ray.models.pipelines import load_tiny_pipeline
+from ddpo_ray.training.local_loop import run_local as run
 
 SMALL = [
     "sample.num_steps=3", "sample.batch_size=4", "sample.num_batches_per_epoch=2",
@@ -16,6 +18,7 @@ SMALL = [
 ]
 
 
+@pytest.mark.slow
 def test_loop_writes_the_run_directory_and_a_loadable_lora(tmp_path):
     cfg = build_config(overrides=SMALL + ["num_epochs=2", "run_name=r", f"output_dir={tmp_path}"])
     history = run(cfg)
@@ -38,6 +41,7 @@ def test_loop_writes_the_run_directory_and_a_loadable_lora(tmp_path):
     assert not torch.equal(base, tuned)  # the trained LoRA loads and changes the images
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path):
     straight = run(build_config(overrides=SMALL + ["num_epochs=3", "run_name=a", f"output_dir={tmp_path}"]))
     run(build_config(overrides=SMALL + ["num_epochs=2", "run_name=b", f"output_dir={tmp_path}"]))

@@ -2,7 +2,7 @@
 Prometheus server scraping them through Ray's service-discovery file, and the single-process
 loop's prometheus-client endpoint.
 
-The session's cluster exports on a fixed port and pushes metrics every second (ray_fixtures).
+The session's cluster exports on a fixed port and pushes metrics every second (tests/conftest.py).
 Ray exports our `ddpo_x` as `ray_ddpo_x` (counters with `_total`).
 """
 
@@ -22,10 +22,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from ddpo_ray.config import build_config
-from ddpo_ray.driver import run_distributed
-from ddpo_ray.metrics import PHASES
-from tests.ray_fixtures import REPO, _free_port, reward_apps, serve_instance, wait_for, yaml_apps  # noqa: F401
-from tests.test_system import SMALL
+from ddpo_ray.distributed.driver import run_distributed
+from ddpo_ray.records.metrics import PHASES
+from tests.helpers import ALL_REWARDS, REPO, SMALL, TEST_APP_ARGS, free_port, wait_for
 
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "ddpo-ray.json"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
@@ -35,7 +34,7 @@ OUR_LABELS = {"run", "sampler", "phase", "reward", "app", "deployment", "kind", 
 # Counted only when something goes wrong: absent from a healthy run's scrape.
 ONLY_ON_FAILURE = {
     "ray_ddpo_reward_service_errors_total", "ray_ddpo_reward_service_model_failures_total",
-    "ray_ddpo_stale_dropped_batches_total", "ray_ddpo_sampler_reissued_batches_total",
+    "ray_ddpo_sampler_reissued_batches_total",
 }
 
 
@@ -56,10 +55,9 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def exported_run(yaml_apps, tmp_path_factory):  # noqa: F811
+def exported_run(yaml_apps, tmp_path_factory):
     """A 2-epoch run on the session cluster, and the scrape once its last epoch is exported."""
     from reward_services.client import ensure_reward_apps
-    from tests.ray_fixtures import ALL_REWARDS, TEST_APP_ARGS
 
     ensure_reward_apps(ALL_REWARDS, TEST_APP_ARGS)
     run_name = f"metrics-{uuid.uuid4().hex[:6]}"
@@ -94,6 +92,8 @@ def exported_run(yaml_apps, tmp_path_factory):  # noqa: F811
     return run_name, history, samples
 
 
+@pytest.mark.ray
+@pytest.mark.slow  # exported_run: a 2-epoch distributed run
 def test_run_exports_ddpo_series_with_the_epochs_values(exported_run):
     run, history, samples = exported_run
     last = history[-1]
@@ -143,12 +143,16 @@ def dashboard_metric_names() -> set[str]:
     return {name for expr in exprs for name in re.findall(r"\b(ray_[a-z0-9_]+)", expr)}
 
 
+@pytest.mark.ray
+@pytest.mark.slow  # exported_run: a 2-epoch distributed run
 def test_every_dashboard_query_names_an_exported_metric(exported_run):
     _, _, samples = exported_run
     missing = dashboard_metric_names() - set(samples) - ONLY_ON_FAILURE
     assert not missing, f"the dashboard queries metrics the run did not export: {sorted(missing)}"
 
 
+@pytest.mark.ray
+@pytest.mark.slow  # exported_run: a 2-epoch distributed run
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's prometheus is not installed (make test installs it)")
 def test_a_real_prometheus_scrapes_the_run_through_rays_service_discovery(exported_run, tmp_path):
     run, history, _ = exported_run
@@ -159,7 +163,7 @@ def test_a_real_prometheus_scrapes_the_run_through_rays_service_discovery(export
     config["global"]["scrape_interval"] = "1s"
     config["scrape_configs"][0]["file_sd_configs"][0]["refresh_interval"] = "1s"
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}"],
@@ -183,10 +187,11 @@ def test_a_real_prometheus_scrapes_the_run_through_rays_service_discovery(export
     assert server.returncode in (0, -15), stderr.decode()[-2000:]
 
 
+@pytest.mark.slow
 def test_single_process_loop_serves_the_same_metrics_with_prometheus_client(tmp_path):
     """No Ray here: ddpo_ray.local records through prometheus-client (--metrics-port serves it)."""
-    from ddpo_ray.local import run as run_local
-    from reward_services.metrics import serve_prometheus
+    from ddpo_ray.infra.metrics_backend import serve_prometheus
+    from ddpo_ray.training.local_loop import run_local
 
     run_name = f"local-{uuid.uuid4().hex[:6]}"
     history = run_local(build_config(overrides=[*SMALL, "num_epochs=1", f"output_dir={tmp_path}", f"run_name={run_name}"]))
@@ -201,7 +206,7 @@ def test_single_process_loop_serves_the_same_metrics_with_prometheus_client(tmp_
 
 
 def test_metric_definitions_refuse_mistakes():
-    from reward_services.metrics import MetricSpec, make_metric
+    from ddpo_ray.infra.metrics_backend import MetricSpec, make_metric
 
     with pytest.raises(ValueError, match="must start with 'ddpo_'"):
         MetricSpec("reward_mean", "gauge", "x")

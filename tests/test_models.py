@@ -4,11 +4,10 @@ import pytest
 import torch
 
 from ddpo_ray.config import ModelConfig
-from ddpo_ray.diffusion import sample_trajectories
-from ddpo_ray.models import (
-    ModelNotFoundError, add_lora, build_sd15_random_pipeline, build_tiny_random_pipeline, lora_state_dict,
-    load_lora_state_dict, load_pipeline, save_lora,
-)
+from ddpo_ray.infra.hf_loading import ModelNotFoundError
+from ddpo_ray.maths.diffusion import sample_trajectories
+from ddpo_ray.models.lora import add_lora, load_lora_state_dict, lora_state_dict, save_lora
+from ddpo_ray.models.pipelines import build_sd15_random_pipeline, build_tiny_random_pipeline, load_pipeline
 from tests.helpers import randomize_lora
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from ddpo_ray.config import TrainConfig
-from ddpo_ray.diffusion import sample_trajectories, trajectory_log_prob
-from ddpo_ray.models import add_lora
-from ddpo_ray.ppo import make_optimizer, ppo_loss, train_epoch
+from ddpo_ray.maths.diffusion import sample_trajectories, trajectory_log_prob
+from ddpo_ray.maths.ppo import make_optimizer, ppo_loss, train_epoch
+from ddpo_ray.models.lora import add_lora
 from tests.helpers import randomize_lora
 
 CLIP = 0.1

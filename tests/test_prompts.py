@@ -2,16 +2,14 @@
 
 import pytest
 
-from ddpo_ray.prompts import (
+from ddpo_ray.prompts import PROMPT_SETS, PromptSampler, get_prompts
+from ddpo_ray.prompts.sets import (
     ACTIVITIES,
     HELD_OUT_ANIMALS,
     IMAGENET_ANIMALS,
     INANIMATE_OBJECTS,
     NOUNS_ACTIVITIES,
-    PROMPT_SETS,
     SIMPLE_ANIMALS,
-    PromptSampler,
-    get_prompts,
 )
 
 # ---------------------------------------------------------------------------------------------

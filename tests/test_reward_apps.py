@@ -14,15 +14,9 @@ from reward_services.bertscore import BertScore
 from reward_services.captioner import Captioner
 from reward_services.functions import llava_bertscore_rewards
 from reward_services.http_api import encode_image
-from tests.ray_fixtures import (  # noqa: F401
-    one_torch_thread,
-    reward_apps,
-    sample_images,
-    serve_instance,
-    yaml_apps,
-)
+from tests.helpers import sample_images
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_torch_thread")]
 
 PROMPTS = ["a cat", "a dog riding a bike", "a fish playing chess", "a horse washing the dishes"]
 
@@ -46,7 +40,7 @@ def pil_jpeg_kb(image: np.ndarray) -> float:
     return len(buffer.getvalue()) / 1000
 
 
-def test_jpeg_apps_equal_pil(reward_apps):  # noqa: F811
+def test_jpeg_apps_equal_pil(reward_apps):
     images = sample_images(4)
     expected_kb = np.array([pil_jpeg_kb(image) for image in images])
     assert len(set(expected_kb)) == 4
@@ -68,7 +62,7 @@ def _jpeg(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def test_aesthetic_app_equals_in_process_predictor(reward_apps):  # noqa: F811
+def test_aesthetic_app_equals_in_process_predictor(reward_apps):
     images = sample_images(4)
     expected = AestheticPredictor(device="cpu")(images)  # same default seed as the deployment
     assert np.ptp(expected) > 1e-5  # the check below can tell the images apart
@@ -83,7 +77,7 @@ def test_aesthetic_app_equals_in_process_predictor(reward_apps):  # noqa: F811
     )
 
 
-def test_llava_bertscore_app_equals_in_process_reward(reward_apps):  # noqa: F811
+def test_llava_bertscore_app_equals_in_process_reward(reward_apps):
     images = sample_images(4)
     rewards, info = llava_bertscore_rewards(Captioner(device="cpu"), BertScore(device="cpu"), images, PROMPTS)
     for answer in (
@@ -97,7 +91,7 @@ def test_llava_bertscore_app_equals_in_process_reward(reward_apps):  # noqa: F81
             np.testing.assert_allclose(answer["info"][key], info[key], atol=1e-6)
 
 
-def test_concurrent_requests_are_batched_and_answered_in_order(reward_apps):  # noqa: F811
+def test_concurrent_requests_are_batched_and_answered_in_order(reward_apps):
     """Many small concurrent requests (merged by @serve.batch) each get their own answers."""
     images = sample_images(12, seed=1)
     expected = AestheticPredictor(device="cpu")(images)

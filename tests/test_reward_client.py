@@ -1,5 +1,12 @@
 """The sampler-side client on real Serve: weighting, order, retries after a replica dies,
-timeouts, and deploying only what is missing."""
+timeouts, and deploying only what is missing.
+
+Where a test needs requests to stay in flight (submit does not wait, a replica dies mid-stream,
+a timeout), a stand-in for `jpeg_incompressibility` holds every request at a gate until the test
+opens it, so nothing depends on how fast this machine scores images.
+"""
+
+import asyncio
 
 import numpy as np
 import pytest
@@ -15,19 +22,77 @@ from reward_services.client import (
 )
 from reward_services.jpeg import jpeg_sizes_kb
 from reward_services.registry import build_reward_app
-from tests.ray_fixtures import (  # noqa: F401
-    TEST_APP_ARGS,
-    replica_actor_names,
-    reward_apps,
-    running_replicas,
-    sample_images,
-    serve_instance,
-    wait_for,
-    yaml_apps,
-)
+from tests.helpers import TEST_APP_ARGS, replica_actor_names, running_replicas, sample_images, wait_for
+
+pytestmark = pytest.mark.ray
+
+GATED = "jpeg_incompressibility"  # the application the gated stand-in replaces during a test
 
 
-def test_weighted_sum_components_and_info_in_order(reward_apps):  # noqa: F811
+def make_gate():
+    """An actor that holds every `wait` until `open`, and records which replica sent each.
+    (Classes made in a function travel to the workers by value: no test module is imported there.)"""
+
+    @ray.remote(num_cpus=0)
+    class Gate:
+        def __init__(self):
+            self._opened = asyncio.Event()
+            self._arrivals: list[str] = []
+
+        async def wait(self, replica: str) -> None:
+            self._arrivals.append(replica)
+            await self._opened.wait()
+
+        async def open(self) -> None:
+            self._opened.set()
+
+        async def arrivals(self) -> list[str]:
+            return list(self._arrivals)
+
+    return Gate.remote()
+
+
+def gated_jpeg_app(gate, num_replicas: int):
+    """`jpeg_incompressibility`'s answers (+kB per image), each given only once `gate` opens."""
+
+    @serve.deployment(num_replicas=num_replicas, max_ongoing_requests=4, ray_actor_options={"num_cpus": 0.5})
+    class GatedJpeg:
+        def __init__(self, gate):
+            self.gate = gate
+
+        async def score(self, images, prompts, metadata=None):
+            await self.gate.wait.remote(ray.get_runtime_context().get_actor_name())
+            sizes = jpeg_sizes_kb(np.asarray(images))
+            return {"rewards": sizes.tolist(), "info": {"jpeg_kb": sizes.tolist()}}
+
+    return GatedJpeg.bind(gate)
+
+
+@pytest.fixture
+def gated_app(reward_apps):
+    """deploy(num_replicas) puts the gated stand-in in place of `jpeg_incompressibility` and
+    returns its gate (closed); afterwards the gates open and the real application is back."""
+    gates = []
+
+    def deploy(num_replicas: int = 1):
+        gate = make_gate()
+        gates.append(gate)
+        serve.run(gated_jpeg_app(gate, num_replicas), name=GATED, route_prefix=f"/{GATED}")
+        wait_for(lambda: len(replica_actor_names(GATED, "GatedJpeg")) == num_replicas,
+                 what=f"{num_replicas} gated replicas")
+        return gate
+
+    try:
+        yield deploy
+    finally:
+        for gate in gates:
+            ray.get(gate.open.remote())  # let held requests finish, so the replicas stop at once
+        serve.run(build_reward_app(GATED, TEST_APP_ARGS[GATED]), name=GATED, route_prefix=f"/{GATED}")
+        for gate in gates:
+            ray.kill(gate)
+
+
+def test_weighted_sum_components_and_info_in_order(reward_apps):
     images = sample_images(5)
     prompts = [f"prompt {i}" for i in range(5)]
     client = RewardClient(
@@ -54,78 +119,69 @@ def test_weighted_sum_components_and_info_in_order(reward_apps):  # noqa: F811
     assert alone.info["llava_bertscore"]["captions"] == llava["captions"][3:4]
 
 
-def test_submit_does_not_block_the_caller(reward_apps):  # noqa: F811
-    client = RewardClient({"llava_bertscore": 1.0})
-    pending = client.submit(sample_images(8, seed=2), ["a cat"] * 8)
-    assert not pending.done()  # 8 captions of 64 tokens take far longer than submitting
+def test_submit_does_not_block_the_caller(gated_app):
+    gate = gated_app()
+    client = RewardClient({GATED: 1.0})
+    images = sample_images(8, seed=2)
+    pending = client.submit(images, ["a cat"] * 8)  # returns although no answer can come yet
+    # The request reached the replica, which holds it at the gate: submitted, in flight, not done.
+    wait_for(lambda: ray.get(gate.arrivals.remote()), what="the request at the replica")
+    assert not pending.done()
+    ray.get(gate.open.remote())
     wait_for(pending.done, timeout_s=120, interval_s=0.05, what="rewards")
-    assert pending.result(timeout_s=0).rewards.shape == (8,)
+    result = pending.result(timeout_s=0)
+    assert result.rewards.shape == (8,)
+    np.testing.assert_array_equal(result.rewards, jpeg_sizes_kb(images))
 
 
-def test_killed_replica_mid_stream_every_reward_returns_in_order(reward_apps):  # noqa: F811
+def test_killed_replica_mid_stream_every_reward_returns_in_order(gated_app):
     """Two replicas; one is killed while a stream of batches is in flight on both."""
-    args = {"deployment_options": {"JpegReward": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}}}}
-    serve.run(
-        build_reward_app("jpeg_incompressibility", args),
-        name="jpeg_incompressibility",
-        route_prefix="/jpeg_incompressibility",
+    gate = gated_app(num_replicas=2)
+    replicas = replica_actor_names(GATED, "GatedJpeg")
+    client = RewardClient({GATED: 1.0}, max_images_per_call=8, max_retries=3)
+    batches = [sample_images(16, seed=seed) for seed in range(12)]
+    pending = [client.submit(batch, ["p"] * len(batch)) for batch in batches]
+    # The gate holds every request: both replicas have some in flight and none has answered.
+    wait_for(lambda: set(ray.get(gate.arrivals.remote())) == set(replicas), what="requests on both replicas")
+    assert not any(p.done() for p in pending)
+    ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
+    ray.get(gate.open.remote())
+    for batch, p in zip(batches, pending, strict=True):
+        np.testing.assert_array_equal(p.result().rewards, jpeg_sizes_kb(batch))
+    assert client.retries.count >= 1, "no request was in flight on the killed replica"
+    assert all(
+        "ActorDiedError" in e or "RayActorError" in e or "Unavailable" in e for e in client.retries.errors
     )
-    try:
-        replicas = wait_for(
-            lambda: (
-                (names := replica_actor_names("jpeg_incompressibility", "JpegReward"))
-                and len(names) == 2
-                and names
-            ),
-            what="2 replicas",
-        )
-        client = RewardClient({"jpeg_incompressibility": 1.0}, max_images_per_call=8, max_retries=3)
-        batches = [sample_images(16, size=384, seed=seed) for seed in range(24)]
-        pending = [client.submit(batch, ["p"] * len(batch)) for batch in batches]
-        wait_for(pending[0].done, interval_s=0.01, what="the first batch")  # both replicas are busy now
-        assert not pending[-1].done()
-        ray.kill(ray.get_actor(replicas[0], namespace="serve"), no_restart=True)
-        for batch, p in zip(batches, pending, strict=True):
-            np.testing.assert_array_equal(p.result().rewards, jpeg_sizes_kb(batch))
-        assert client.retries.count >= 1, "no request was in flight on the killed replica"
-        assert all(
-            "ActorDiedError" in e or "RayActorError" in e or "Unavailable" in e for e in client.retries.errors
-        )
-    finally:
-        serve.run(
-            build_reward_app("jpeg_incompressibility", TEST_APP_ARGS["jpeg_incompressibility"]),
-            name="jpeg_incompressibility",
-            route_prefix="/jpeg_incompressibility",
-        )
 
 
-def test_timeout_is_a_clear_error(reward_apps):  # noqa: F811
-    client = RewardClient({"llava_bertscore": 1.0}, timeout_s=0.05)
+def test_timeout_is_a_clear_error(gated_app):
+    gated_app()  # never opened: no answer comes in time, however fast this machine is
+    client = RewardClient({GATED: 1.0}, timeout_s=0.05)
     pending = client.submit(sample_images(8, seed=3), ["a cat"] * 8)
     with pytest.raises(
         RewardTimeoutError,
-        match=r"reward 'llava_bertscore' \(Serve application 'llava_bertscore'.*"
+        match=r"reward 'jpeg_incompressibility' \(Serve application 'jpeg_incompressibility'.*"
         r"did not answer images 0\.\.7 in time",
     ):
         pending.result()
 
 
-def test_input_errors_are_raised_before_sending(serve_instance):  # noqa: F811
+def test_input_errors_are_raised_before_sending(serve_instance):
     with pytest.raises(ValueError, match="unknown reward 'clip_score'"):
         RewardClient({"clip_score": 1.0})
     with pytest.raises(ValueError, match="weights is empty"):
         RewardClient({})
 
 
-def test_client_checks_the_batch(reward_apps):  # noqa: F811
+def test_client_checks_the_batch(reward_apps):
     client = RewardClient({"jpeg_compressibility": 1.0})
     with pytest.raises(ValueError, match="3 images but 2 prompts"):
         client.submit(sample_images(3), ["a", "b"])
-    with pytest.raises(ValueError, match=r"expected uint8 \(N, H, W, 3\)"):
+    with pytest.raises(ValueError, match=r"expected a uint8 array of shape \(N, H, W, 3\)"):
         client.submit(sample_images(2).astype(np.float32), ["a", "b"])
 
 
-def test_ensure_attaches_to_running_apps_and_starts_only_missing_ones(reward_apps):  # noqa: F811
+def test_ensure_attaches_to_running_apps_and_starts_only_missing_ones(reward_apps):
     assert ensure_reward_apps(["jpeg_compressibility", "aesthetic"]) == []  # all running: attach
     serve.delete("jpeg_incompressibility")
     started = ensure_reward_apps(

@@ -17,6 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
+from ddpo_ray.infra.reward_names import REWARD_NAMES
 from reward_services.http_api import (
     RequestLimits,
     RewardInputError,
@@ -24,13 +25,7 @@ from reward_services.http_api import (
     parse_request_body,
     validate_batch,
 )
-from tests.ray_fixtures import (  # noqa: F401
-    replica_actor_names,
-    reward_apps,
-    sample_images,
-    serve_instance,
-    yaml_apps,
-)
+from tests.helpers import replica_actor_names, sample_images
 
 LIMITS = RequestLimits()
 
@@ -204,7 +199,7 @@ def test_handle_path_validation():
     assert len(out) == 2 and prompts == ["a", "b"] and metadata is None
     with pytest.raises(RewardInputError, match=r"images\[0\] is a float32 array"):
         validate_batch([images[0].astype(np.float32)], ["a"], None, LIMITS)
-    with pytest.raises(RewardInputError, match=r"expected \(N, H, W, 3\)"):
+    with pytest.raises(RewardInputError, match=r"expected a uint8 array of shape \(N, H, W, 3\)"):
         validate_batch(images[0], ["a"], None, LIMITS)
     with pytest.raises(RewardInputError, match="prompts has 1 entries but images has 2"):
         validate_batch(images, ["a"], None, LIMITS)
@@ -220,14 +215,16 @@ def test_handle_path_validation():
 # --- over real HTTP, on real applications -------------------------------------------------
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("case, raw, status, message", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
-def test_http_bad_requests_answer_4xx(reward_apps, case, raw, status, message):  # noqa: F811
+def test_http_bad_requests_answer_4xx(reward_apps, case, raw, status, message):
     response = requests.post(f"{reward_apps.http_url}/jpeg_compressibility", data=raw, timeout=30)
     assert response.status_code == status, response.text
     assert message in response.json()["error"]
 
 
-def test_model_apps_share_the_error_contract_and_survive(reward_apps):  # noqa: F811
+@pytest.mark.ray
+def test_model_apps_share_the_error_contract_and_survive(reward_apps):
     """A few bad requests on each model app, then the same replicas still answer a good one."""
     apps = {
         "aesthetic": "AestheticScorer",
@@ -254,7 +251,8 @@ def test_model_apps_share_the_error_contract_and_survive(reward_apps):  # noqa: 
         assert replica_actor_names(app, deployment) == before[app]  # no replica died or was replaced
 
 
-def test_handle_bad_input_raises_value_error_and_replica_survives(reward_apps):  # noqa: F811
+@pytest.mark.ray
+def test_handle_bad_input_raises_value_error_and_replica_survives(reward_apps):
     from ray import serve
 
     handle = serve.get_app_handle("aesthetic")
@@ -267,8 +265,9 @@ def test_handle_bad_input_raises_value_error_and_replica_survives(reward_apps): 
     assert replica_actor_names("aesthetic", "AestheticScorer") == before
 
 
-def test_openapi_schema_and_docs_are_served(reward_apps):  # noqa: F811
-    for app in ("jpeg_compressibility", "jpeg_incompressibility", "aesthetic", "llava_bertscore"):
+@pytest.mark.ray
+def test_openapi_schema_and_docs_are_served(reward_apps):
+    for app in REWARD_NAMES:
         schema = requests.get(f"{reward_apps.http_url}/{app}/openapi.json", timeout=30).json()
         post = schema["paths"]["/"]["post"]
         request_schema = post["requestBody"]["content"]["application/json"]["schema"]

@@ -8,14 +8,14 @@ import pytest
 import torch
 from torch import nn
 
+from ddpo_ray.infra.hf_loading import RewardModelNotFoundError
 from reward_services.aesthetic_model import AestheticMLP, AestheticPredictor, build_tiny_clip, load_mlp
 from reward_services.bertscore import BertScore
 from reward_services.captioner import Captioner, build_tiny_llava
 from reward_services.functions import llava_bertscore_rewards
-from reward_services.model_loading import RewardModelNotFoundError
 from reward_services.registry import REWARD_APPS
 from reward_services.runtime import ModelReplica, flatten_call_split
-from tests.ray_fixtures import one_torch_thread, sample_images  # noqa: F401
+from tests.helpers import sample_images
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -90,7 +90,7 @@ def test_missing_models_fail_with_a_clear_error(tmp_path):
         RewardModelNotFoundError, match="clip_model='openai/clip-vit-large-patch14'.*HF_HUB_OFFLINE"
     ):
         AestheticPredictor(clip_model="openai/clip-vit-large-patch14", device="cpu")
-    with pytest.raises(RewardModelNotFoundError, match="without a config.json"):
+    with pytest.raises(RewardModelNotFoundError, match="has no config.json"):
         Captioner(model=str(tmp_path), device="cpu")
     with pytest.raises(ValueError, match="set num_layers"):
         BertScore(model=str(tmp_path), device="cpu")
@@ -136,7 +136,7 @@ def test_in_process_alignment_reward(captioner, bertscore):
 
 
 def test_registry_covers_every_configurable_reward():
-    from ddpo_ray.config import REWARD_NAMES
+    from ddpo_ray.infra.reward_names import REWARD_NAMES
 
     assert set(REWARD_APPS) == set(REWARD_NAMES)
     for name, spec in REWARD_APPS.items():

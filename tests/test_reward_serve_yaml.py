@@ -2,6 +2,7 @@
 and scale one pool without touching any other deployment."""
 
 import numpy as np
+import pytest
 import requests
 import yaml
 from ray.serve.schema import ServeDeploySchema
@@ -11,15 +12,7 @@ from reward_services.http_api import encode_image
 from reward_services.jpeg_app import JpegArgs
 from reward_services.llava_bertscore import LlavaBertScoreArgs
 from reward_services.registry import REWARD_APPS
-from tests.ray_fixtures import (  # noqa: F401
-    SERVE_YAML,
-    replica_actor_names,
-    running_replicas,
-    sample_images,
-    serve_instance,
-    serve_run_config,
-    yaml_apps,
-)
+from tests.helpers import SERVE_YAML, replica_actor_names, running_replicas, sample_images, serve_run_config
 
 ARGS_MODELS = {
     "reward_services.jpeg_app:build_app": JpegArgs,
@@ -52,7 +45,8 @@ def test_serve_yaml_is_a_valid_config_for_every_reward():
                 assert deployment["max_ongoing_requests"] >= batch, deployment["name"]
 
 
-def test_serve_yaml_applications_answer_over_http(yaml_apps):  # noqa: F811
+@pytest.mark.ray
+def test_serve_yaml_applications_answer_over_http(yaml_apps):
     serve_run_config(SERVE_YAML, yaml_apps)  # back to the file's state if a test changed an app
     body = {"images": [encode_image(image) for image in sample_images(3)], "prompts": ["a", "b", "c"]}
     for name in REWARD_APPS:
@@ -62,7 +56,9 @@ def test_serve_yaml_applications_answer_over_http(yaml_apps):  # noqa: F811
         assert len(rewards) == 3 and np.all(np.isfinite(rewards))
 
 
-def test_scaling_one_pool_leaves_every_other_deployment_alone(yaml_apps, tmp_path):  # noqa: F811
+@pytest.mark.ray
+@pytest.mark.slow  # starts and stops a second captioner replica
+def test_scaling_one_pool_leaves_every_other_deployment_alone(yaml_apps, tmp_path):
     serve_run_config(SERVE_YAML, yaml_apps)
     before = {
         (app, deployment): replica_actor_names(app, deployment)

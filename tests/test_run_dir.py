@@ -9,7 +9,8 @@ import torch
 import yaml
 from PIL import Image
 
-from ddpo_ray.run_dir import MIN_CELL_WIDTH, RunDirectory
+from ddpo_ray.records.grids import MIN_CELL_WIDTH
+from ddpo_ray.records.run_dir import RunDirectory
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from ddpo_ray.prompts import TINY_SHAPES, TINY_SHAPES_HELD_OUT
-from ddpo_ray.tiny_world import COLOURS, make_batch, random_scene, render, sample_caption
+from ddpo_ray.prompts.sets import TINY_SHAPES, TINY_SHAPES_HELD_OUT
+from ddpo_ray.tiny.world import COLOURS, make_batch, random_scene, render, sample_caption
 from reward_services.jpeg import jpeg_sizes_kb
 
 

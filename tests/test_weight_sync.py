@@ -13,19 +13,19 @@ import pytest
 import ray
 import torch
 
-from ddpo_ray.checkpoint import trainable_state_dict
 from ddpo_ray.config import build_config
-from ddpo_ray.epoch_steps import sample_batch
-from ddpo_ray.learner import split_epoch
-from ddpo_ray.models import load_pipeline, trainable_parameters
-from ddpo_ray.sampler import Sampler, SampleTask
-from ddpo_ray.staleness import is_stale, sampling_version
-from ddpo_ray.weight_sync import InProcessTransport, ObjectStoreTransport, PolicyWeights
+from ddpo_ray.distributed.sampler import Sampler, SampleTask
+from ddpo_ray.distributed.weight_transport import InProcessTransport, ObjectStoreTransport, PolicyWeights
+from ddpo_ray.maths.sharding import split_epoch
+from ddpo_ray.maths.staleness import epochs_awaiting_training, sampling_version
+from ddpo_ray.models.lora import trainable_parameters, trainable_state_dict
+from ddpo_ray.models.pipelines import load_pipeline
+from ddpo_ray.training.steps import sample_batch
 from tests.helpers import randomize_lora
-from tests.ray_fixtures import reward_apps, serve_instance, yaml_apps  # noqa: F401
 
 
-def test_sampler_outputs_change_after_a_sync_and_match_the_learner_exactly(reward_apps):  # noqa: F811
+@pytest.mark.ray
+def test_sampler_outputs_change_after_a_sync_and_match_the_learner_exactly(reward_apps):
     cfg = build_config(overrides=["sample.num_steps=4", "sample.batch_size=2"])
     transport = ObjectStoreTransport()
     learner = load_pipeline(cfg.model, seed=cfg.seed)
@@ -80,11 +80,10 @@ def test_resumed_runs_never_sample_older_than_their_checkpoint():
     assert sampling_version(5, 1, first_version=5) == 5
 
 
-def test_stale_means_older_than_the_bound():
-    assert not is_stale(3, epoch=3, staleness=0)
-    assert is_stale(2, epoch=3, staleness=0)
-    assert not is_stale(2, epoch=3, staleness=1)
-    assert is_stale(1, epoch=3, staleness=1)
+def test_staleness_bounds_the_epochs_awaiting_training():
+    assert epochs_awaiting_training(0) == 0 and epochs_awaiting_training(1) == 1
+    with pytest.raises(ValueError, match="staleness=-1"):
+        epochs_awaiting_training(-1)
 
 
 def test_split_epoch_cuts_batches_into_equal_contiguous_shards():

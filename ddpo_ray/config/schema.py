@@ -1,0 +1,308 @@
+"""The one run configuration as pydantic models: every field, its default and its checks.
+
+Every default lives here. A config is built as
+    defaults <- preset <- YAML file (--config) <- command-line overrides (key.path=value)
+and validated in full (types, ranges, cross-field arithmetic) before anything else runs, so a
+typo fails in a second instead of after the cluster has started. Names follow ddpo-pytorch
+(`sample.num_batches_per_epoch`, `train.timestep_fraction`, ...) so its users feel at home.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ddpo_ray.infra.prompt_names import PROMPT_SET_NAMES
+from ddpo_ray.infra.reward_names import REWARD_NAMES
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names every bad field."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a typo must not silently fall back to a default).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    pretrained: str = Field(
+        "tiny",
+        description='"tiny" (built in, offline), "sd15-random" (SD1.5 architecture, random '
+        "init, for GPU timings), a Hugging Face id, or a local diffusers directory",
+    )
+    revision: str | None = None
+    use_lora: bool = True
+    lora_rank: int = Field(4, ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "no", description="dtype of the frozen weights and autocast; LoRA weights stay fp32"
+    )
+
+
+class SampleConfig(_Section):
+    num_steps: int = Field(20, ge=1)
+    eta: float = Field(1.0, gt=0.0, le=1.0, description="DDIM stochasticity; 0 has no log-density")
+    guidance_scale: float = Field(5.0, ge=1.0, description="CFG weight; 1.0 turns CFG off")
+    resolution: int = Field(64, ge=8)
+    batch_size: int = Field(8, ge=1, description="images per sampler call")
+    num_batches_per_epoch: int = Field(4, ge=1, description="in total, spread over samplers")
+    samples_per_prompt: int = Field(1, ge=1, description="K samples of each prompt per epoch")
+
+    @model_validator(mode="after")
+    def _resolution_multiple_of_8(self) -> "SampleConfig":
+        if self.resolution % 8 != 0:
+            raise ValueError(f"resolution={self.resolution} must be a multiple of 8")
+        return self
+
+
+class TrainConfig(_Section):
+    learning_rate: float = Field(3e-4, gt=0.0)
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    adam_weight_decay: float = Field(1e-4, ge=0.0)
+    adam_epsilon: float = Field(1e-8, gt=0.0)
+    batch_size: int = Field(8, ge=1, description="samples per minibatch, per learner worker")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="minibatches per optimizer step")
+    num_inner_epochs: int = Field(1, ge=1)
+    cfg: bool = Field(True, description="recompute log-probs with the same CFG as sampling")
+    clip_range: float = Field(1e-4, gt=0.0)
+    adv_clip_max: float = Field(5.0, gt=0.0)
+    timestep_fraction: float = Field(1.0, gt=0.0, le=1.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    algorithm: Literal["ddpo_is", "ddpo_sf"] = Field(
+        "ddpo_is",
+        description="ddpo_is: clipped importance ratio (PPO); ddpo_sf: score function, one "
+        "optimizer step per epoch",
+    )
+    kl_coef: float = Field(
+        0.0, ge=0.0, description="weight of the per-step KL to the reference policy (LoRA off); 0: none"
+    )
+
+
+class AdvantageConfig(_Section):
+    mode: Literal["per_prompt", "group", "batch"] = "batch"
+    buffer_size: int = Field(16, ge=1, description="per_prompt: rewards kept per prompt")
+    min_count: int = Field(16, ge=1, description="per_prompt: below this, use batch stats")
+
+    @model_validator(mode="after")
+    def _min_count_fits_buffer(self) -> "AdvantageConfig":
+        if self.min_count > self.buffer_size:
+            raise ValueError(
+                f"min_count={self.min_count} can never be reached with buffer_size="
+                f"{self.buffer_size}; set min_count <= buffer_size"
+            )
+        return self
+
+
+class PromptsConfig(_Section):
+    name: str = "tiny_shapes"
+    eval_name: str = Field("tiny_shapes_held_out", description="held-out prompts for evaluation")
+
+    @model_validator(mode="after")
+    def _known_sets(self) -> "PromptsConfig":
+        for field in ("name", "eval_name"):
+            value = getattr(self, field)
+            if value not in PROMPT_SET_NAMES:
+                raise ValueError(
+                    f"{field}={value!r} is not a prompt set; expected one of {sorted(PROMPT_SET_NAMES)}"
+                )
+        return self
+
+
+class RewardConfig(_Section):
+    name: str | None = "jpeg_compressibility"
+    weights: dict[str, float] | None = Field(
+        None, description="a weighted sum {reward_name: weight}; use instead of name"
+    )
+    timeout_s: float = Field(300.0, gt=0.0, description="a batch's rewards must arrive within this")
+    max_retries: int = Field(2, ge=0, description="resends of a batch whose reward replica died")
+
+    @model_validator(mode="after")
+    def _one_of_name_or_weights(self) -> "RewardConfig":
+        if (self.name is None) == (self.weights is None):
+            raise ValueError("set exactly one of reward.name or reward.weights")
+        for reward_name in self.components():
+            if reward_name not in REWARD_NAMES:
+                raise ValueError(f"unknown reward {reward_name!r}; expected one of {list(REWARD_NAMES)}")
+        if self.weights is not None and not self.weights:
+            raise ValueError("reward.weights is empty; name at least one reward")
+        return self
+
+    def components(self) -> dict[str, float]:
+        """The rewards to compute and their weights ({name: 1.0} for a single reward)."""
+        return {self.name: 1.0} if self.name is not None else dict(self.weights or {})
+
+
+class EvalConfig(_Section):
+    """Held-out evaluation, the over-optimisation guard and `best` checkpoint selection.
+
+    Every `every` epochs (and before the first), the policy generates one image per eval prompt
+    from fixed noise with deterministic DDIM (eta 0), scored by the training reward and the
+    `rewards` listed here. See ddpo_ray.evaluation.
+    """
+
+    every: int = Field(5, ge=0, description="evaluate every N epochs (and before the first); 0: never")
+    prompts_per_group: int = Field(4, ge=1, description="prompts taken from each group of the eval set")
+    include_train_prompts: bool = Field(True, description="also evaluate on prompts.name (group 'train')")
+    batch_size: int = Field(8, ge=1, description="images per generation call")
+    num_steps: int | None = Field(None, ge=1, description="DDIM steps; default sample.num_steps")
+    rewards: list[str] = Field(default_factory=list, description="extra rewards scored on the eval images")
+    guard_reward: str | None = Field(
+        None, description="a reward that must not fall (over-optimisation guard); scored on eval images"
+    )
+    guard_margin: float = Field(
+        0.0, ge=0.0, description="stop when the guard's eval mean falls more than this below its best so far"
+    )
+    best_metric: str = Field(
+        "eval_reward_mean", description="eval key whose maximum picks the `best` checkpoint"
+    )
+
+    @model_validator(mode="after")
+    def _known_rewards(self) -> "EvalConfig":
+        for name in [*self.rewards, *([self.guard_reward] if self.guard_reward else [])]:
+            if name not in REWARD_NAMES:
+                raise ValueError(f"eval reward {name!r} is unknown; expected one of {list(REWARD_NAMES)}")
+        return self
+
+
+class ClusterConfig(_Section):
+    num_samplers: int = Field(1, ge=1)
+    gpus_per_sampler: float = Field(0.0, ge=0.0)
+    cpus_per_sampler: float = Field(1.0, gt=0.0, description="also its torch threads (at least 1)")
+    sampler_resources: dict[str, float] = Field(
+        default_factory=dict, description='extra Ray resources per sampler, e.g. {"sampler_node": 1}'
+    )
+    sampler_max_restarts: int = Field(3, ge=-1, description="-1: restart without limit")
+    learner_workers: int = Field(1, ge=1)
+    gpus_per_learner_worker: float = Field(0.0, ge=0.0)
+    cpus_per_learner_worker: float = Field(1.0, gt=0.0, description="also its torch threads (at least 1)")
+    learner_max_failures: int = Field(2, ge=-1, description="worker-group restarts (Ray Train FailureConfig)")
+    staleness: int = Field(0, ge=0, le=1, description="0: exact DDPO; 1: sample while training")
+    weight_transport: Literal["object_store"] = Field(
+        "object_store",
+        description="how the learner's weights reach the samplers (ddpo_ray.distributed.weight_transport)",
+    )
+
+
+class DDPOConfig(_Section):
+    preset: str = "tiny"
+    run_name: str | None = Field(None, description="default: <preset>-<date>-<time>")
+    output_dir: str = "outputs"
+    seed: int = 0
+    num_epochs: int = Field(5, ge=1)
+    save_freq: int = Field(1, ge=0, description="checkpoint every N epochs (0: only at the end)")
+    resume_from: str | None = Field(None, description='a checkpoint dir, a run dir, or "latest"')
+    metrics: bool = Field(True, description="export the ddpo_* Prometheus metrics (see ddpo_ray.records.metrics)")
+    model: ModelConfig = ModelConfig()
+    sample: SampleConfig = SampleConfig()
+    train: TrainConfig = TrainConfig()
+    advantage: AdvantageConfig = AdvantageConfig()
+    prompts: PromptsConfig = PromptsConfig()
+    reward: RewardConfig = RewardConfig()
+    eval: EvalConfig = EvalConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.sample.batch_size * self.sample.num_batches_per_epoch
+
+    def eval_reward_names(self) -> list[str]:
+        """Rewards scored on eval images: the training components, eval.rewards, the guard."""
+        names = list(self.reward.components())
+        for name in [*self.eval.rewards, *([self.eval.guard_reward] if self.eval.guard_reward else [])]:
+            if name not in names:
+                names.append(name)
+        return names
+
+    def eval_reward_weights(self) -> dict[str, float]:
+        """Every eval reward at weight 1: evaluation scores each one on its own."""
+        return {name: 1.0 for name in self.eval_reward_names()}
+
+    def eval_metric_keys(self) -> list[str]:
+        """The keys an evaluation writes (and `eval.best_metric` may name)."""
+        keys = ["eval_reward_mean"]
+        keys += [f"eval_{name}_mean" for name in self.eval_reward_names()]
+        return keys
+
+    @property
+    def num_train_timesteps(self) -> int:
+        """Denoising steps trained per sample (the first int(num_steps * fraction) of a shuffle)."""
+        return int(self.sample.num_steps * self.train.timestep_fraction)
+
+    @model_validator(mode="after")
+    def _epoch_arithmetic(self) -> "DDPOConfig":
+        total = self.samples_per_epoch
+        workers = self.cluster.learner_workers
+        epoch = (
+            f"{total} samples per epoch (sample.batch_size {self.sample.batch_size} x "
+            f"sample.num_batches_per_epoch {self.sample.num_batches_per_epoch})"
+        )
+        if total % workers:
+            raise ValueError(f"{epoch} do not split evenly over cluster.learner_workers={workers}")
+        per_worker = total // workers
+        if self.train.batch_size > per_worker:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} is larger than the {per_worker} samples "
+                f"each learner worker gets from {epoch}"
+            )
+        if per_worker % self.train.batch_size:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} does not divide the {per_worker} "
+                f"samples each learner worker gets from {epoch}"
+            )
+        minibatches = per_worker // self.train.batch_size
+        if minibatches % self.train.gradient_accumulation_steps:
+            raise ValueError(
+                f"train.gradient_accumulation_steps={self.train.gradient_accumulation_steps} does "
+                f"not divide the {minibatches} minibatches per learner worker per epoch, so the "
+                "last optimizer step would be partial"
+            )
+        if total % self.sample.samples_per_prompt:
+            raise ValueError(
+                f"sample.samples_per_prompt={self.sample.samples_per_prompt} does not divide {epoch}"
+            )
+        if self.advantage.mode == "group" and self.sample.samples_per_prompt < 2:
+            raise ValueError(
+                "advantage.mode='group' normalises within groups of one prompt, so it needs "
+                f"sample.samples_per_prompt >= 2 (got {self.sample.samples_per_prompt})"
+            )
+        if self.num_train_timesteps < 1:
+            raise ValueError(
+                f"train.timestep_fraction={self.train.timestep_fraction} x sample.num_steps="
+                f"{self.sample.num_steps} trains no timestep; raise one of them"
+            )
+        if self.train.algorithm == "ddpo_sf":
+            steps = minibatches // self.train.gradient_accumulation_steps
+            if self.train.num_inner_epochs != 1 or steps != 1:
+                raise ValueError(
+                    "train.algorithm='ddpo_sf' has no importance ratio, so each epoch's samples may "
+                    f"feed exactly one optimizer step; got train.num_inner_epochs="
+                    f"{self.train.num_inner_epochs} and {steps} steps per epoch (set num_inner_epochs=1 "
+                    f"and train.batch_size x gradient_accumulation_steps = {per_worker})"
+                )
+        if self.train.algorithm == "ddpo_sf" and self.cluster.staleness != 0:
+            raise ValueError(
+                "train.algorithm='ddpo_sf' has no importance ratio to correct for samples drawn by an "
+                f"older policy; it needs cluster.staleness=0 (got {self.cluster.staleness})"
+            )
+        if self.train.kl_coef > 0 and not self.model.use_lora:
+            raise ValueError(
+                "train.kl_coef > 0 needs model.use_lora=true: the reference policy is the UNet with "
+                "its LoRA switched off"
+            )
+        if self.eval.best_metric not in self.eval_metric_keys():
+            raise ValueError(
+                f"eval.best_metric={self.eval.best_metric!r} is not written by evaluation; expected "
+                f"one of {self.eval_metric_keys()}"
+            )
+        if self.eval.guard_reward is not None and self.eval.every == 0:
+            raise ValueError("eval.guard_reward is evaluated on held-out images; set eval.every >= 1")
+        return self
+
+    def resolved_run_name(self) -> str:
+        return self.run_name or f"{self.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")

@@ -1,0 +1,220 @@
+"""The PPO learner as a Ray Train `TorchTrainer`: workers pull epochs, rank 0 publishes weights.
+
+Each worker holds the frozen pipeline and the trainable LoRA (DDP over the LoRA parameters when
+there are several workers). Per epoch it pulls its shard from the `EpochExchange`, runs the
+PPO passes of `ddpo_ray.training.steps.train_inner_epochs` (the single-process loop's code), and reports
+metrics with `ray.train.report`; rank 0 publishes the new policy version through the weight
+transport and writes the learner's half of checkpoints (`ddpo_ray.records.checkpoint.save_learner_state`), which
+it also reports to Ray Train. A worker group that Ray Train restarts after a failure
+(`FailureConfig`) resumes from the newest of those checkpoints and pulls the following epochs
+again (`learner_restarts` in the metrics counts restarts).
+
+The driver side is `Learner`: it runs `TorchTrainer.fit()` on a background thread (fit blocks
+until training ends) and talks to the workers only through the exchange.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from ddpo_ray.config import DDPOConfig
+from ddpo_ray.distributed.exchange import EpochExchange, PublishedPolicy
+from ddpo_ray.distributed.weight_transport import make_transport
+from ddpo_ray.infra.torch_thread import match_torch_threads_to_cpus
+from ddpo_ray.maths.diffusion import Trajectories
+from ddpo_ray.maths.ppo import make_optimizer
+from ddpo_ray.maths.sharding import EpochShard
+from ddpo_ray.models.lora import trainable_parameters, trainable_state_dict
+from ddpo_ray.models.pipelines import load_pipeline
+from ddpo_ray.records.checkpoint import load_learner_state, save_learner_state
+from ddpo_ray.records.run_dir import RunDirectory
+from ddpo_ray.training.epoch_loop import checkpoint_due
+from ddpo_ray.training.steps import train_inner_epochs
+
+
+def assemble_shard(shard: EpochShard, device: torch.device) -> tuple[Trajectories, torch.Tensor]:
+    """Fetch a shard's trajectory rows from the object store: (trajectories, advantages)."""
+    batches = ray.get([ref for ref, _, _ in shard.parts])
+    rows = [batch.select(range(start, stop)) for batch, (_, start, stop) in zip(batches, shard.parts)]
+    trajectories = Trajectories.concat(rows).to(device)
+    advantages = torch.tensor(np.array(shard.advantages, dtype=np.float32), device=device)  # own, writable copy
+    if advantages.shape != (len(trajectories),):
+        raise ValueError(f"shard of epoch {shard.epoch}: {len(advantages)} advantages for {len(trajectories)} samples")
+    return trajectories, advantages
+
+
+def _mean_over_ranks(metrics: dict[str, float], world_size: int) -> dict[str, float]:
+    """Average metrics over learner workers (max for the ratio deviations)."""
+    if world_size == 1:
+        return metrics
+    keys = sorted(metrics)
+    is_max = [k in ("ratio_max_dev", "ratio_dev_before_update") for k in keys]
+    sums = torch.tensor([0.0 if m else metrics[k] for k, m in zip(keys, is_max)], dtype=torch.float64)
+    maxes = torch.tensor([metrics[k] if m else 0.0 for k, m in zip(keys, is_max)], dtype=torch.float64)
+    torch.distributed.all_reduce(sums)
+    torch.distributed.all_reduce(maxes, op=torch.distributed.ReduceOp.MAX)
+    return {k: float(maxes[i] if m else sums[i] / world_size) for i, (k, m) in enumerate(zip(keys, is_max))}
+
+
+def learner_loop(config: dict[str, Any]) -> None:
+    """The training function every Ray Train worker runs (`train_loop_per_worker`)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = DDPOConfig.model_validate(config["cfg"])
+    exchange = config["exchange"]
+    run_dir = RunDirectory(config["run_dir"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    match_torch_threads_to_cpus()  # one torch thread per CPU this worker reserved
+    device = ray.train.torch.get_device()
+
+    pipe = load_pipeline(cfg.model, device, seed=cfg.seed)
+    params = trainable_parameters(pipe.unet, cfg.model.use_lora, cfg.model.lora_rank, seed=cfg.seed)
+    optimizer = make_optimizer(params, cfg.train)
+
+    # Where to start: this session's newest checkpoint when Ray Train restarted the worker group,
+    # else the run's resume point, else epoch 0 (see ddpo_ray.distributed.exchange for why not Ray Train's).
+    first_epoch = config["first_epoch"]
+    restart_point = ray.get(exchange.latest_checkpoint.remote())
+    if restart_point is not None:
+        last_epoch, directory = restart_point
+        load_learner_state(Path(directory), pipe.unet, cfg.model.use_lora, optimizer)
+        first_epoch = last_epoch + 1
+    elif config["resume_path"] is not None:
+        load_learner_state(Path(config["resume_path"]), pipe.unet, cfg.model.use_lora, optimizer)
+
+    restarts = ray.get(exchange.group_started.remote()) if rank == 0 else 0
+    if restarts:
+        print(f"learner: worker group restart {restarts}, continuing at epoch {first_epoch}", flush=True)
+
+    unet = ray.train.torch.prepare_model(pipe.unet)  # DDP when world_size > 1
+    no_sync = unet.no_sync if isinstance(unet, torch.nn.parallel.DistributedDataParallel) else contextlib.nullcontext
+    transport = make_transport(cfg.cluster.weight_transport)
+
+    def publish(version: int, metrics: dict[str, Any]) -> None:
+        if rank == 0:
+            weights = transport.publish(trainable_state_dict(pipe.unet, cfg.model.use_lora), version)
+            ray.get(exchange.put_policy.remote(weights, metrics))
+
+    publish(first_epoch, {})  # policy version == epochs trained
+    last_trained = first_epoch - 1
+    # Until the driver stops it (after the last epoch, or early): a worker that returned on its
+    # own after the last epoch would take the object-store copies of its weights with it while
+    # the driver may still evaluate and save them (seen as OwnerDiedError on a loaded machine).
+    for epoch in itertools.count(first_epoch):
+        shard = ray.get(exchange.get_shard.remote(epoch, rank))
+        if shard is None:
+            break  # the driver stopped the run
+        start = time.perf_counter()
+        trajectories, advantages = assemble_shard(shard, device)
+        metrics = train_inner_epochs(
+            unet, pipe.scheduler, optimizer, params, trajectories, advantages, cfg, epoch, rank, no_sync
+        )
+        metrics = _mean_over_ranks(metrics, world_size)
+        metrics["time_training"] = time.perf_counter() - start
+        metrics["learner_restarts"] = restarts
+        publish(epoch + 1, metrics)
+        last_trained = epoch
+
+        checkpoint = None
+        if checkpoint_due(cfg, epoch) and rank == 0:
+            save_learner_state(run_dir.checkpoint_path(epoch), pipe.unet, cfg.model.use_lora, optimizer)
+            checkpoint = ray.train.Checkpoint.from_directory(run_dir.checkpoint_path(epoch))
+        ray.train.report({"epoch": epoch, **metrics}, checkpoint=checkpoint)  # a barrier for all ranks
+        if checkpoint is not None:
+            ray.get(exchange.put_checkpoint.remote(epoch, str(run_dir.checkpoint_path(epoch))))
+
+    # A run stopped early (the guard) asks for a checkpoint of the last epoch it recorded.
+    final = ray.get(exchange.final_checkpoint_epoch.remote())
+    if rank == 0 and final is not None and final == last_trained and not checkpoint_due(cfg, final):
+        save_learner_state(run_dir.checkpoint_path(final), pipe.unet, cfg.model.use_lora, optimizer)
+        ray.get(exchange.put_checkpoint.remote(final, str(run_dir.checkpoint_path(final))))
+
+
+class Learner:
+    """The driver's handle on the learner: start it, feed it epochs, read back policies."""
+
+    def __init__(self, cfg: DDPOConfig, run_dir: RunDirectory, first_epoch: int, resume_path: Path | None):
+        from ray.train import FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+
+        self.exchange = EpochExchange.remote()
+        cluster = cfg.cluster
+        use_gpu = cluster.gpus_per_learner_worker > 0
+        resources = {"CPU": cluster.cpus_per_learner_worker}
+        if use_gpu:
+            resources["GPU"] = cluster.gpus_per_learner_worker
+        self.trainer = TorchTrainer(
+            learner_loop,
+            train_loop_config={
+                "cfg": cfg.to_dict(),
+                "exchange": self.exchange,
+                "run_dir": str(run_dir.root.resolve()),
+                "first_epoch": first_epoch,
+                "resume_path": None if resume_path is None else str(Path(resume_path).resolve()),
+            },
+            scaling_config=ScalingConfig(
+                num_workers=cluster.learner_workers, use_gpu=use_gpu, resources_per_worker=resources
+            ),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(
+                # A fresh Ray Train run per driver session: its checkpoints are for restarts within
+                # this session; resuming a killed run goes through the run directory.
+                name=f"learner-{time.strftime('%Y%m%d-%H%M%S')}-{id(self):x}",
+                storage_path=str((run_dir.root / "ray_train").resolve()),
+                failure_config=FailureConfig(max_failures=cluster.learner_max_failures),
+            ),
+        )
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fit, name="learner-fit", daemon=True)
+        self._thread.start()
+
+    def _fit(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver through the exchange
+            self.error = exc
+            ray.get(self.exchange.fail.remote(f"{type(exc).__name__}: {exc}"))
+
+    def put_epoch(self, epoch: int, shards: list[EpochShard]) -> None:
+        ray.get(self.exchange.put_epoch.remote(epoch, shards))
+
+    def policy(self, version: int, timeout_s: float | None = None) -> PublishedPolicy:
+        """Policy `version` (waits for the learner to publish it)."""
+        return ray.get(self.exchange.get_policy.remote(version, timeout_s))
+
+    def checkpoint(self, epoch: int, timeout_s: float | None = None) -> Path:
+        """The directory of checkpoint `epoch` once the learner's half is written."""
+        return Path(ray.get(self.exchange.get_checkpoint.remote(epoch, timeout_s)))
+
+    def stop(self, checkpoint_epoch: int | None = None) -> None:
+        """No more epochs; with `checkpoint_epoch`, rank 0 first checkpoints that (last trained) epoch."""
+        ray.get(self.exchange.stop.remote(checkpoint_epoch))
+
+    def finish(self, timeout_s: float = 300.0) -> None:
+        """Stop the workers (they finish their loop) and wait for fit() to return."""
+        ray.get(self.exchange.stop.remote())
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise TimeoutError(f"the learner did not finish within {timeout_s} s")
+        if self.error is not None:
+            raise RuntimeError(f"the learner failed: {self.error}") from self.error
+
+    def abort(self) -> None:
+        """Best effort on the way out (also after finish): stop waiting workers, drop the exchange."""
+        try:
+            ray.get(self.exchange.stop.remote(), timeout=10)
+            self._thread.join(30)
+            ray.kill(self.exchange)
+        except Exception:  # noqa: BLE001 - the cluster may be going away; nothing to save here
+            pass

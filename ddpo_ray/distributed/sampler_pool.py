@@ -1,0 +1,132 @@
+"""The driver's view of the samplers: hand out an epoch's tasks, get back every batch exactly once.
+
+Tasks go round-robin to the sampler actors, all at once: each actor samples its tasks in order
+while the rewards of earlier ones are computed on Serve. A task whose sampler died (the actor
+restarts, `cluster.sampler_max_restarts`) is re-issued to the next sampler; since a batch's noise
+is keyed by (seed, epoch, batch), the re-issued batch is the same batch. Every task carries the
+weights it is sampled with, so a batch is never older than asked. So an epoch always has exactly
+`sample.num_batches_per_epoch` batches, none lost, none doubled.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from ddpo_ray.config import DDPOConfig
+from ddpo_ray.distributed.sampler import SamplerActor, SampleTask, ScoredBatch
+from ddpo_ray.distributed.weight_transport import PolicyWeights
+
+_SAMPLER_LOST = (RayActorError, ActorUnavailableError)
+
+
+@dataclass
+class SampledEpoch:
+    """An epoch's batches in batch order: trajectory refs (for the learner) and scored batches."""
+
+    trajectories: list[Any]  # ObjectRef[Trajectories], one per batch
+    batches: list[ScoredBatch]
+    time_sampling: float  # until the last trajectory was ready
+    time_reward_wait: float  # from then until the last reward arrived
+    reissued: int = 0  # tasks sent again after their sampler died
+    events: list[str] = field(default_factory=list)
+
+
+class SamplerPool:
+    """`cluster.num_samplers` SamplerActors, created and loaded up front."""
+
+    def __init__(self, cfg: DDPOConfig, name_prefix: str = "ddpo-sampler"):
+        cluster = cfg.cluster
+        options = dict(
+            num_cpus=cluster.cpus_per_sampler,
+            num_gpus=cluster.gpus_per_sampler,
+            resources=dict(cluster.sampler_resources),
+            max_restarts=cluster.sampler_max_restarts,
+            max_task_retries=0,  # re-issuing is ours: a lost task goes to another sampler
+        )
+        self.actor_names = [f"{name_prefix}-{i}" for i in range(cluster.num_samplers)]
+        self.actors = [
+            SamplerActor.options(name=name, **options).remote(cfg.to_dict(), i)
+            for i, name in enumerate(self.actor_names)
+        ]
+        ray.get([actor.ready.remote() for actor in self.actors])  # fail fast if a pipeline cannot load
+        self.reward_timeout_s = cfg.reward.timeout_s
+
+    def _dispatch(self, task: SampleTask, index: int, weights: PolicyWeights) -> tuple[Any, Any]:
+        actor = self.actors[index % len(self.actors)]
+        trajectories = actor.sample.remote(task, weights)
+        # Its own concurrency group: it waits for this task's rewards while the actor samples on.
+        scored = actor.rewards.remote(task, None)
+        return trajectories, scored
+
+    def sample_epoch(
+        self,
+        tasks: Sequence[SampleTask],
+        weights: PolicyWeights,
+    ) -> SampledEpoch:
+        """Sample and score every task with `weights`; returns them in `batch_index` order."""
+        start = time.perf_counter()
+        in_flight: dict[Any, tuple[SampleTask, int, Any]] = {}
+        for i, task in enumerate(tasks):
+            trajectories, scored = self._dispatch(task, i, weights)
+            in_flight[scored] = (task, i, trajectories)
+
+        # Phase 1: wait until every first-try trajectory is ready (or failed), without fetching.
+        ray.wait([t for _, _, t in in_flight.values()], num_returns=len(in_flight), fetch_local=False)
+        time_sampling = time.perf_counter() - start
+
+        # Phase 2: collect scored batches; re-issue lost ones.
+        done: dict[int, tuple[Any, ScoredBatch]] = {}
+        reissued = 0
+        events: list[str] = []
+        while in_flight:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            task, index, trajectories = in_flight.pop(ready[0])
+            try:
+                scored: ScoredBatch = ray.get(ready[0])
+            except _SAMPLER_LOST as exc:
+                reissued += 1
+                events.append(f"batch {task.batch_index}: sampler {index % len(self.actors)} lost ({type(exc).__name__}); re-issued")
+                index += 1
+                trajectories, ref = self._dispatch(task, index, weights)
+                in_flight[ref] = (task, index, trajectories)
+                continue
+            if scored.policy_version != weights.version:
+                raise RuntimeError(f"batch {task.batch_index} of epoch {task.epoch} was sampled with policy "
+                                   f"v{scored.policy_version}, not the v{weights.version} it was sent with")
+            if task.batch_index in done:
+                raise RuntimeError(f"batch {task.batch_index} of epoch {task.epoch} arrived twice")
+            done[task.batch_index] = (trajectories, scored)
+        order = sorted(done)
+        expected = sorted(task.batch_index for task in tasks)
+        if order != expected:
+            raise RuntimeError(f"epoch {tasks[0].epoch}: got batches {order}, expected {expected}")
+        return SampledEpoch(
+            trajectories=[done[b][0] for b in order],
+            batches=[done[b][1] for b in order],
+            time_sampling=time_sampling,
+            time_reward_wait=time.perf_counter() - start - time_sampling,
+            reissued=reissued,
+            events=events,
+        )
+
+    def generate_eval(self, weights: PolicyWeights) -> Any:
+        """The held-out eval images of `weights`, from the first sampler that answers."""
+        errors = []
+        for actor in self.actors:
+            try:
+                return ray.get(actor.generate_eval.remote(weights))
+            except _SAMPLER_LOST as exc:
+                errors.append(f"{type(exc).__name__}")
+        raise RuntimeError(f"no sampler could generate the eval images: {errors}")
+
+    def stats(self) -> list[dict[str, Any]]:
+        return ray.get([actor.stats.remote() for actor in self.actors])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)

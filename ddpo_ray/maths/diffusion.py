@@ -1,0 +1,372 @@
+"""DDIM sampling as a policy: each denoising step is a Gaussian action with a log-probability.
+
+DDPO treats x_{t-1} ~ N(mean(x_t, t, c), std_t^2 I) as the action taken at state (x_t, t, c).
+`ddim_step_with_logprob` is diffusers' DDIM step that also returns log p(x_{t-1} | x_t),
+`sample_trajectories` records every (x_t, t, x_{t-1}, log p) of a batch, and
+`trajectory_log_prob` recomputes log p under the current weights for the PPO ratio. No Ray here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
+
+_LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, ...) so it broadcasts against a (B, C, H, W) tensor."""
+    return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
+
+
+def ddim_step_mean(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Gaussian policy of one DDIM step x_t -> x_{t-1}: its mean and std, in fp32.
+
+    x_{t-1} ~ N(mean, std^2 I). With eta = 0, std is 0 and `mean` is diffusers' deterministic
+    DDIM step. `timestep` is an int or a (B,) tensor. The std depends only on the schedule and
+    eta, never on the weights, so two policies' step distributions differ only in their means
+    (which makes their KL ||mean_1 - mean_2||^2 / (2 std^2), see `ddpo_ray.maths.ppo.step_kl`).
+    Returns (mean (B, C, H, W), std broadcastable to it).
+    """
+    if scheduler.num_inference_steps is None:
+        raise ValueError("scheduler.num_inference_steps is None: call scheduler.set_timesteps() first")
+    if scheduler.config.thresholding:
+        raise ValueError("DDIMScheduler(thresholding=True) is not supported by ddim_step_with_logprob")
+    if eta < 0:
+        raise ValueError(f"eta={eta} must be >= 0")
+
+    device = sample.device
+    batch = sample.shape[0]
+    t = torch.as_tensor(timestep, device=device, dtype=torch.long)
+    if t.ndim == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"timestep has shape {tuple(t.shape)}; expected () or ({batch},)")
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+
+    alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    final_alpha = torch.as_tensor(scheduler.final_alpha_cumprod, device=device, dtype=torch.float32)
+    alpha_t = _per_sample(alphas_cumprod[t], sample)
+    alpha_prev = _per_sample(
+        torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final_alpha), sample
+    )
+    beta_t = 1 - alpha_t
+
+    x_t = sample.float()
+    out = model_output.float()
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        pred_x0 = (x_t - beta_t.sqrt() * out) / alpha_t.sqrt()
+        pred_eps = out
+    elif prediction_type == "sample":
+        pred_x0 = out
+        pred_eps = (x_t - alpha_t.sqrt() * pred_x0) / beta_t.sqrt()
+    elif prediction_type == "v_prediction":
+        pred_x0 = alpha_t.sqrt() * x_t - beta_t.sqrt() * out
+        pred_eps = alpha_t.sqrt() * out + beta_t.sqrt() * x_t
+    else:
+        raise ValueError(
+            f"scheduler prediction_type={prediction_type!r}; expected epsilon, sample or v_prediction"
+        )
+    if scheduler.config.clip_sample:
+        limit = scheduler.config.clip_sample_range
+        pred_x0 = pred_x0.clamp(-limit, limit)
+
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    std = eta * variance.sqrt()
+    mean = alpha_prev.sqrt() * pred_x0 + (1 - alpha_prev - std**2).sqrt() * pred_eps
+    return mean, std
+
+
+def ddim_step_with_logprob(
+    scheduler: DDIMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DDIM step x_t -> x_{t-1} and its log-density, per sample.
+
+    `timestep` is an int or a (B,) tensor (training sees a different timestep per sample).
+    If `prev_sample` is given it is scored, not drawn. The maths runs in fp32 whatever the
+    input dtype, because the PPO clip range (1e-4) is below bf16's resolution.
+    Returns (prev_sample in `sample`'s dtype, log_prob of shape (B,)).
+    """
+    mean, std = ddim_step_mean(scheduler, model_output, timestep, sample, eta)
+    if prev_sample is None:
+        noise = randn_tensor(mean.shape, generator=generator, device=sample.device, dtype=torch.float32)
+        prev_sample = (mean + std * noise).to(sample.dtype)
+    elif prev_sample.shape != sample.shape:
+        raise ValueError(f"prev_sample has shape {tuple(prev_sample.shape)}; expected {tuple(sample.shape)}")
+
+    # Score the value actually returned/stored (after any cast), so sampling and training agree.
+    return prev_sample, gaussian_log_prob(prev_sample, mean, std)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2 I), averaged over all non-batch dimensions: (B,), fp32.
+
+    The mean, not the sum, over pixels: the sum is ~1e4 times larger and overflows the 1e-4
+    PPO clip range.
+    """
+    log_prob = -((x.float() - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
+
+
+@dataclass
+class Trajectories:
+    """A batch of denoising trajectories: B samples (rows) x T denoising steps (columns).
+
+    Everything PPO needs to recompute a step's log-probability under new weights, plus the
+    decoded images the reward models score and the policy version that sampled each row.
+    """
+
+    prompts: list[str]
+    prompt_embeds: torch.Tensor  # (B, L, D) text embeddings of the prompts
+    negative_prompt_embeds: torch.Tensor  # (B, L, D) empty-prompt embeddings, for CFG
+    timesteps: torch.Tensor  # (B, T) int64, the timestep t of each step
+    latents: torch.Tensor  # (B, T, C, h, w) x_t, the UNet input at each step
+    next_latents: torch.Tensor  # (B, T, C, h, w) x_{t-1}, the action drawn at each step
+    log_probs: torch.Tensor  # (B, T) log p(x_{t-1} | x_t) under the sampling policy
+    images: torch.Tensor  # (B, H, W, 3) uint8, decoded final latents
+    policy_versions: torch.Tensor  # (B,) int64, the weights version that sampled each row
+
+    _TENSORS = (
+        "prompt_embeds", "negative_prompt_embeds", "timesteps", "latents",
+        "next_latents", "log_probs", "images", "policy_versions",
+    )
+
+    def __post_init__(self) -> None:
+        batch = len(self.prompts)
+        for name in self._TENSORS:
+            value = getattr(self, name)
+            if value.shape[0] != batch:
+                raise ValueError(f"Trajectories.{name} has {value.shape[0]} rows; expected {batch} (one per prompt)")
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_steps(self) -> int:
+        return self.timesteps.shape[1]
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> "Trajectories":
+        """The rows at `index`, in that order."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        values = {name: getattr(self, name)[index.to(getattr(self, name).device)] for name in self._TENSORS}
+        return Trajectories(prompts=[self.prompts[i] for i in index.tolist()], **values)
+
+    def to(self, device: torch.device | str) -> "Trajectories":
+        values = {name: getattr(self, name).to(device) for name in self._TENSORS}
+        return Trajectories(prompts=list(self.prompts), **values)
+
+    @staticmethod
+    def concat(parts: Sequence["Trajectories"]) -> "Trajectories":
+        if not parts:
+            raise ValueError("Trajectories.concat needs at least one batch")
+        values = {name: torch.cat([getattr(p, name) for p in parts]) for name in Trajectories._TENSORS}
+        return Trajectories(prompts=[q for p in parts for q in p.prompts], **values)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed-precision context for UNet calls; a no-op in fp32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def predict_noise(
+    unet: torch.nn.Module,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    guidance_scale: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The UNet's (classifier-free guided) noise prediction, in fp32.
+
+    eps = eps_uncond + w (eps_cond - eps_uncond) when w > 1; one conditional pass otherwise.
+    Sampling and training both call this, so they compute the same policy.
+    """
+    with autocast(latents.device, compute_dtype):
+        if guidance_scale > 1.0:
+            both = unet(
+                torch.cat([latents, latents]),
+                torch.cat([timesteps, timesteps]),
+                encoder_hidden_states=torch.cat([negative_prompt_embeds, prompt_embeds]),
+            ).sample
+            eps_uncond, eps_cond = both.float().chunk(2)
+            return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        return unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample.float()
+
+
+@torch.no_grad()
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds, negative_prompt_embeds), both (B, L, D); the negative is the empty prompt."""
+    prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
+        list(prompts),
+        device=pipe.unet.device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=True,
+        negative_prompt=[""] * len(prompts),
+    )
+    return prompt_embeds, negative_prompt_embeds
+
+
+@torch.no_grad()
+def decode_images(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Final latents -> (B, H, W, 3) uint8 images on the CPU (as the pipeline's "np" output)."""
+    vae = pipe.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    images = (images.float() / 2 + 0.5).clamp(0, 1)
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+@torch.no_grad()
+def sample_trajectories(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    *,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float,
+    resolution: int,
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+    policy_version: int = 0,
+) -> Trajectories:
+    """Run DDIM with log-probs for `prompts`, recording every step, and decode the images.
+
+    Latents stay fp32 between steps (the UNet itself may run in `compute_dtype`).
+    """
+    if not prompts:
+        raise ValueError("sample_trajectories needs at least one prompt")
+    unet, scheduler = pipe.unet, pipe.scheduler
+    device = unet.device
+    batch = len(prompts)
+    prompt_embeds, negative_prompt_embeds = encode_prompts(pipe, prompts)
+
+    scheduler.set_timesteps(num_steps, device=device)
+    latent_size = resolution // pipe.vae_scale_factor
+    shape = (batch, unet.config.in_channels, latent_size, latent_size)
+    latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    latents = latents * scheduler.init_noise_sigma
+
+    all_latents, all_next, all_log_probs = [], [], []
+    for t in scheduler.timesteps:
+        timesteps = t.expand(batch).to(device)
+        eps = predict_noise(
+            unet, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale, compute_dtype
+        )
+        next_latents, log_prob = ddim_step_with_logprob(
+            scheduler, eps, timesteps, latents, eta=eta, generator=generator
+        )
+        all_latents.append(latents)
+        all_next.append(next_latents)
+        all_log_probs.append(log_prob)
+        latents = next_latents
+
+    return Trajectories(
+        prompts=list(prompts),
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds,
+        timesteps=scheduler.timesteps.to(device).long().unsqueeze(0).expand(batch, -1).clone(),
+        latents=torch.stack(all_latents, dim=1),
+        next_latents=torch.stack(all_next, dim=1),
+        log_probs=torch.stack(all_log_probs, dim=1),
+        images=decode_images(pipe, latents),
+        policy_versions=torch.full((batch,), policy_version, dtype=torch.long),
+    )
+
+
+@torch.no_grad()
+def generate_images(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    initial_latents: torch.Tensor,
+    *,
+    num_steps: int,
+    guidance_scale: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Deterministic DDIM (eta 0) from given initial latents: (B, H, W, 3) uint8 images.
+
+    For evaluation: with the noise fixed and no per-step randomness, the image depends only on
+    the weights, so the same cell of an eval grid shows one image evolving over a run.
+    """
+    if len(prompts) != initial_latents.shape[0]:
+        raise ValueError(f"{len(prompts)} prompts but {initial_latents.shape[0]} initial latents")
+    unet, scheduler = pipe.unet, pipe.scheduler
+    device = unet.device
+    prompt_embeds, negative_prompt_embeds = encode_prompts(pipe, prompts)
+    scheduler.set_timesteps(num_steps, device=device)
+    latents = initial_latents.to(device, torch.float32) * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        timesteps = t.expand(len(prompts)).to(device)
+        latents, _ = policy_step_mean(
+            unet, scheduler, latents, timesteps, prompt_embeds, negative_prompt_embeds,
+            guidance_scale=guidance_scale, eta=0.0, compute_dtype=compute_dtype,
+        )
+    return decode_images(pipe, latents)
+
+
+def policy_step_mean(
+    unet: torch.nn.Module,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    *,
+    guidance_scale: float,
+    eta: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of the policy's step from `latents` under the UNet's current weights.
+
+    Differentiable in the UNet's weights. One step per sample: latents (B, C, h, w),
+    timesteps (B,). The scheduler must be set to the sampling number of steps.
+    """
+    eps = predict_noise(
+        unet, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale, compute_dtype
+    )
+    return ddim_step_mean(scheduler, eps, timesteps, latents, eta)
+
+
+def trajectory_log_prob(
+    unet: torch.nn.Module,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    next_latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor,
+    *,
+    guidance_scale: float,
+    eta: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """log p(next_latents | latents) under the UNet's current weights; differentiable.
+
+    One step per sample: latents/next_latents (B, C, h, w), timesteps (B,). The scheduler
+    must have been set to the sampling number of steps (`set_timesteps(num_steps)`).
+    """
+    if next_latents.shape != latents.shape:
+        raise ValueError(f"next_latents has shape {tuple(next_latents.shape)}; expected {tuple(latents.shape)}")
+    mean, std = policy_step_mean(
+        unet, scheduler, latents, timesteps, prompt_embeds, negative_prompt_embeds,
+        guidance_scale=guidance_scale, eta=eta, compute_dtype=compute_dtype,
+    )
+    return gaussian_log_prob(next_latents, mean, std)

@@ -1,0 +1,179 @@
+"""Checkpoints: the policy in diffusers' format plus everything needed for an exact resume.
+
+checkpoints/epoch_NNNN/
+    pytorch_lora_weights.safetensors  (use_lora) `pipe.load_lora_weights(dir)` loads it
+    unet/                             (full fine-tune) `UNet2DConditionModel.from_pretrained`
+    learner_state.pt                  trainable weights and optimizer (written by the learner)
+    run_state.pt                      epoch, policy version, advantage tracker, RNG state
+                                      (written by whoever runs the epoch loop)
+    COMPLETE                          written last; a checkpoint without it is ignored
+checkpoints/best/
+    policy_weights.safetensors        the trainable weights of the best evaluated policy version
+    best.json                         which version, and its eval.best_metric value (written last)
+
+The two state files are separate because, in the distributed system, the learner (a Ray Train
+worker) owns the weights and optimizer while the driver owns the tracker and the epoch count.
+The single-process loop writes both with `save_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from ddpo_ray.maths.advantages import AdvantageEstimator
+from ddpo_ray.models.lora import load_trainable_state_dict, save_lora, trainable_state_dict
+from ddpo_ray.records.files import atomic_write
+from ddpo_ray.records.run_dir import RunDirectory
+
+LEARNER_STATE = "learner_state.pt"
+RUN_STATE = "run_state.pt"
+POLICY_WEIGHTS = "policy_weights.safetensors"
+BEST_INFO = "best.json"
+
+
+def save_learner_state(
+    directory: Path, unet: UNet2DConditionModel, use_lora: bool, optimizer: torch.optim.Optimizer
+) -> None:
+    """The learner's half: the policy in diffusers' format, plus weights and optimizer state."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if use_lora:
+        save_lora(unet, directory)
+    else:
+        unet.save_pretrained(directory / "unet")
+    state = {
+        "use_lora": use_lora,
+        "weights": trainable_state_dict(unet, use_lora),
+        "optimizer": optimizer.state_dict(),
+    }
+    torch.save(state, directory / LEARNER_STATE)
+
+
+def save_run_state(
+    directory: Path, epoch: int, policy_version: int, advantages: Mapping[str, Any], **extra: Any
+) -> None:
+    """The loop's half: where the run is (epoch, policy version) and the advantage tracker."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "epoch": epoch,
+        "policy_version": policy_version,
+        "advantages": dict(advantages),
+        "torch_rng": torch.random.get_rng_state(),
+        **extra,
+    }
+    torch.save(state, directory / RUN_STATE)
+
+
+def save_checkpoint(
+    run_dir: RunDirectory,
+    epoch: int,
+    unet: UNet2DConditionModel,
+    use_lora: bool,
+    optimizer: torch.optim.Optimizer,
+    advantages: AdvantageEstimator,
+    policy_version: int,
+) -> Path:
+    """Write the whole checkpoint for the end of `epoch` (single process); returns its directory."""
+    directory = run_dir.checkpoint_path(epoch)
+    save_learner_state(directory, unet, use_lora, optimizer)
+    save_run_state(directory, epoch, policy_version, advantages.state_dict())
+    run_dir.mark_checkpoint_complete(epoch)
+    return directory
+
+
+def resolve_resume_path(resume_from: str, run_dir: RunDirectory) -> Path:
+    """`resume_from` as a checkpoint directory: "latest" (this run's), a run dir, or a checkpoint."""
+    if resume_from == "latest":
+        latest = run_dir.latest_checkpoint()
+        if latest is None:
+            raise FileNotFoundError(f"resume_from='latest': no complete checkpoint under {run_dir.checkpoints_dir}")
+        return latest
+    path = Path(resume_from).expanduser()
+    if (path / RUN_STATE).is_file() and (path / LEARNER_STATE).is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        latest = RunDirectory(path).latest_checkpoint()
+        if latest is not None:
+            return latest
+    raise FileNotFoundError(
+        f"resume_from={resume_from!r}: expected 'latest', a run directory with complete checkpoints, "
+        f"or a checkpoint directory containing {LEARNER_STATE} and {RUN_STATE}"
+    )
+
+
+def read_learner_state(path: Path) -> dict[str, Any]:
+    return torch.load(Path(path) / LEARNER_STATE, map_location="cpu", weights_only=False)
+
+
+def load_learner_state(
+    path: Path, unet: UNet2DConditionModel, use_lora: bool, optimizer: torch.optim.Optimizer
+) -> None:
+    """Restore the trainable weights and the optimizer in place."""
+    state = read_learner_state(path)
+    if state["use_lora"] != use_lora:
+        raise ValueError(f"checkpoint {path} has use_lora={state['use_lora']}, the config has {use_lora}")
+    load_trainable_state_dict(unet, use_lora, state["weights"])
+    optimizer.load_state_dict(state["optimizer"])
+
+
+def load_run_state(path: Path, advantages: AdvantageEstimator) -> dict[str, Any]:
+    """Restore the tracker and the RNG in place; returns the saved state (epoch, policy_version, ...)."""
+    state = torch.load(Path(path) / RUN_STATE, map_location="cpu", weights_only=False)
+    advantages.load_state_dict(state["advantages"])
+    torch.random.set_rng_state(state["torch_rng"])
+    return state
+
+
+def load_checkpoint(
+    path: Path,
+    unet: UNet2DConditionModel,
+    use_lora: bool,
+    optimizer: torch.optim.Optimizer,
+    advantages: AdvantageEstimator,
+) -> dict[str, Any]:
+    """Restore everything in place (single process); returns the run state (epoch, ...)."""
+    load_learner_state(path, unet, use_lora, optimizer)
+    return load_run_state(path, advantages)
+
+
+def save_best(run_dir: RunDirectory, weights: Mapping[str, torch.Tensor], use_lora: bool, info: Mapping[str, Any]) -> Path:
+    """Replace checkpoints/best with `weights` (trainable state dict) and `info` (best.json).
+
+    The weights file is replaced atomically before best.json, so best.json never names weights
+    that are not there.
+    """
+    from safetensors.torch import save
+
+    directory = run_dir.best_dir
+    plain = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+    atomic_write(directory / POLICY_WEIGHTS, save(plain, metadata={"use_lora": str(bool(use_lora)).lower()}))
+    atomic_write(directory / BEST_INFO, (json.dumps(dict(info), indent=1) + "\n").encode("utf-8"))
+    return directory
+
+
+def read_best_info(run_dir: RunDirectory) -> dict[str, Any] | None:
+    path = run_dir.best_dir / BEST_INFO
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def load_policy_weights(path: str | Path) -> tuple[bool, dict[str, torch.Tensor]]:
+    """(use_lora, trainable weights) from a checkpoint directory or checkpoints/best."""
+    path = Path(path)
+    if (path / POLICY_WEIGHTS).is_file():
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path / POLICY_WEIGHTS), framework="pt") as f:
+            use_lora = (f.metadata() or {}).get("use_lora", "true") == "true"
+        return use_lora, load_file(str(path / POLICY_WEIGHTS))
+    if (path / LEARNER_STATE).is_file():
+        state = read_learner_state(path)
+        return bool(state["use_lora"]), state["weights"]
+    raise FileNotFoundError(
+        f"{path}: expected a checkpoint directory with {LEARNER_STATE} or {POLICY_WEIGHTS} "
+        "(checkpoints/epoch_NNNN or checkpoints/best of a run)"
+    )
