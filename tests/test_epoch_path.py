@@ -21,7 +21,7 @@ from ddpo_ray.records.checkpoint import LEARNER_STATE, RUN_STATE, load_policy_we
 from ddpo_ray.training.local_loop import run_local
 from tests.helpers import SMALL
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 # What only the distributed backend measures (ScoredEpoch.extra and the learner's restarts).
 RAY_ONLY = {"time_weight_sync", "time_waiting_for_learner", "sampler_reissued", "sampler_nodes", "learner_restarts"}
