@@ -31,7 +31,9 @@ test: $(STAMP) system-tools
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 # The pure tests (no Ray, nothing slow): the loop to run while editing; under a minute here.
-test-fast: $(STAMP)
+# It sets nothing up: run `make test` (or `make run`) once first.
+test-fast:
+	@test -f $(STAMP) || { echo "no .venv yet: run 'make test' once first"; exit 2; }
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not ray and not slow"
 
 bench: $(STAMP)
