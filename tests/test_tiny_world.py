@@ -1,6 +1,7 @@
 """The procedural world the tiny model is pretrained on: captions match pixels, JPEG size varies."""
 
 import numpy as np
+import pytest
 
 from ddpo_ray.prompts.sets import TINY_SHAPES, TINY_SHAPES_HELD_OUT
 from ddpo_ray.tiny.world import COLOURS, make_batch, random_scene, render, sample_caption
@@ -48,3 +49,30 @@ def test_tiny_prompt_sets():
     assert "two red circles" in TINY_SHAPES and "a green diamond" in TINY_SHAPES_HELD_OUT
     assert "an orange circle" in TINY_SHAPES and "a large orange circle" not in TINY_SHAPES
     assert not any("diamond" in p for p in TINY_SHAPES)
+
+
+def test_parse_caption_reads_back_every_caption_form():
+    from ddpo_ray.tiny.world import parse_caption, random_scene, scene_attributes
+
+    rng = np.random.default_rng(4)
+    forms = [{}, {"with_size": False}, {"with_position": False}, {"with_background": False},
+             {"with_size": False, "with_position": False, "with_background": False}]
+    for _ in range(300):
+        scene = random_scene(rng)
+        truth = scene_attributes(scene)
+        for form in forms:
+            named = parse_caption(scene.caption(**form))
+            assert all(truth[key] == value for key, value in named.items()), (scene.caption(**form), named)
+            assert ("size" in named) == form.get("with_size", True)
+            assert ("background" in named) == form.get("with_background", True)
+        assert parse_caption(scene.background_caption()) == {"texture": scene.texture, "background": scene.background}
+    assert parse_caption("two red circles") == {"count": 2, "colour": "red", "shape": "circle"}
+
+
+def test_parse_caption_names_what_is_outside_the_grammar():
+    from ddpo_ray.tiny.world import parse_caption
+
+    for text, expected in [("a cat", "expected '<a|an|two|three>"), ("", "names nothing"),
+                           ("a red circle on a furry blue background", "'<texture> <colour> background'")]:
+        with pytest.raises(ValueError, match=expected):
+            parse_caption(text)

@@ -9,15 +9,17 @@ field; one table maps the config's dtype names to torch dtypes. No Ray here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
 T = TypeVar("T")
 
-TINY = "tiny"
+TINY = "tiny"  # the offline default: weights this project trained (or a package shipped)
+TINY_RANDOM = "tiny-random"  # the same architecture at random init: for tests that need any model of the shape
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -31,6 +33,26 @@ RewardModelNotFoundError = ModelNotFoundError
 def hub_offline() -> bool:
     """True when HF_HUB_OFFLINE asks for the local cache only."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+@contextlib.contextmanager
+def quiet_loading(errors_only: bool = False) -> Iterator[None]:
+    """No per-file progress bars from transformers while loading (a run's console shows what a
+    user needs); `errors_only` also hides its warnings (e.g. weights a checkpoint has and the
+    model does not use, when that is expected)."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    if errors_only:
+        transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def load_pretrained(
@@ -53,7 +75,8 @@ def load_pretrained(
             "written by save_pretrained"
         )
     try:
-        return loader(str(local) if local.exists() else name, **kwargs)
+        with quiet_loading():
+            return loader(str(local) if local.exists() else name, **kwargs)
     except (OSError, ValueError) as exc:
         where = (
             "the local Hugging Face cache (HF_HUB_OFFLINE is set)"

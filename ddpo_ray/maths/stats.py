@@ -1,4 +1,4 @@
-"""Summary statistics of an epoch's per-sample values, as the keys of its metrics row."""
+"""Summary statistics: of an epoch's per-sample values (the keys of its metrics row), and rank correlation."""
 
 from __future__ import annotations
 
@@ -12,3 +12,12 @@ def summary(name: str, values: np.ndarray, extremes: bool = True) -> dict[str, f
     if extremes:
         out.update({f"{name}_min": float(np.min(values)), f"{name}_max": float(np.max(values))})
     return out
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of two equal-length score vectors (ties get distinct ranks)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) < 2:
+        raise ValueError(f"spearman: expected two 1-d arrays of one length >= 2, got {a.shape} and {b.shape}")
+    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])

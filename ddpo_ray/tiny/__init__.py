@@ -1,2 +1,6 @@
-"""The offline `tiny` world: procedurally drawn, captioned 64x64 images (`world`), the trainer of
-the tiny base model on it (`base_trainer`), and the weights this project trained (`assets/`)."""
+"""The offline `tiny` world: procedurally drawn, captioned 64x64 images (`world`), the trainers of
+the tiny base model and of the tiny reward models on it, and the weights they wrote (`ASSETS`)."""
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"

@@ -195,3 +195,68 @@ def make_batch(rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, l
     scenes = [random_scene(rng) for _ in range(batch_size)]
     images = np.stack([render(scene, rng) for scene in scenes])
     return images, scenes
+
+
+# --- reading captions back: the attributes a tiny-world caption or prompt names ----------------
+
+ATTRIBUTES: dict[str, tuple] = {
+    "count": tuple(COUNTS),
+    "size": tuple(SIZES),
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "position": tuple(POSITIONS) + ("none",),  # "none": several objects, no position
+    "background": tuple(COLOURS),
+    "texture": TEXTURES,
+}
+_COUNT_WORDS = {"a": 1, "an": 1, "two": 2, "three": 3}
+
+
+def scene_attributes(scene: Scene) -> dict[str, object]:
+    """Every attribute of `scene`, as `ATTRIBUTES` names them."""
+    return {
+        "count": scene.count, "size": scene.size, "colour": scene.colour, "shape": scene.shape,
+        "position": scene.position or "none", "background": scene.background, "texture": scene.texture,
+    }
+
+
+def parse_caption(text: str) -> dict[str, object]:
+    """The attributes a caption or prompt of this world names: {"count": 2, "colour": "red", ...}.
+
+    The inverse of `Scene.caption`, `object_prompt` and `background_caption` (any of their
+    partial forms); an attribute the text leaves open is absent. Text outside the world's
+    grammar raises ValueError naming it.
+    """
+    words = text.lower().strip().rstrip(".").split()
+    named: dict[str, object] = {}
+    if len(words) >= 4 and words[-1] == "background" and words[-4] == "a":
+        *head, texture, background, _ = words
+        if texture not in TEXTURES or background not in COLOURS:
+            raise ValueError(f"caption {text!r}: expected '<texture> <colour> background' at its end")
+        named["texture"], named["background"] = texture, background
+        words = head[:-2] if head[-2:] == ["on", "a"] else head[:-1]  # "on a ..." or a lone "a ..."
+    for phrase in POSITIONS:
+        if " ".join(words[-len(phrase.split()):]) == phrase:
+            named["position"] = phrase
+            words = words[: -len(phrase.split())]
+            break
+    if not words:
+        if "background" not in named:
+            raise ValueError(f"caption {text!r} names nothing of the tiny world")
+        return named
+    if words[0] not in _COUNT_WORDS or len(words) not in (3, 4):
+        raise ValueError(
+            f"caption {text!r}: expected '<a|an|two|three> [small|large] <colour> <shape>' "
+            f"with a colour from {list(COLOURS)} and a shape from {list(SHAPES)}"
+        )
+    named["count"] = _COUNT_WORDS[words[0]]
+    if len(words) == 4:
+        named["size"] = words[1]
+    colour, noun = words[-2], words[-1]
+    shape = noun[:-1] if named["count"] > 1 and noun.endswith("s") else noun
+    if named.get("size", "small") not in SIZES or colour not in COLOURS or shape not in SHAPES:
+        raise ValueError(
+            f"caption {text!r}: expected '<a|an|two|three> [small|large] <colour> <shape>' "
+            f"with a colour from {list(COLOURS)} and a shape from {list(SHAPES)}"
+        )
+    named["colour"], named["shape"] = colour, shape
+    return named
