@@ -107,11 +107,7 @@ def deploy(reward: str, replicas: int, max_batch_size: int | None = None) -> Non
             "batch_wait_timeout_s": 0.01,
             "model_batch_size": 16,
         }
-    model_deployment = {
-        "jpeg_compressibility": "JpegReward",
-        "aesthetic": "AestheticScorer",
-        "llava_bertscore": "LlavaCaptioner",
-    }[reward]
+    model_deployment = {"llava_bertscore": "LlavaCaptioner"}.get(reward, spec.ingress)  # the pool that scales
     args = {"deployment_options": {model_deployment: options}}
     if reward == "llava_bertscore":  # the captioner pool is what scales; the ingress stays light
         args["deployment_options"]["LlavaBertScore"] = {"ray_actor_options": {"num_cpus": 0.25}}

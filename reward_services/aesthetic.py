@@ -36,11 +36,13 @@ class AestheticModelArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     clip_model: str = Field(
-        "tiny", description='"tiny", an HF id (openai/clip-vit-large-patch14) or a local dir'
+        "tiny", description='"tiny" (trained on the tiny world, shipped), "tiny-random", an HF id '
+        "(openai/clip-vit-large-patch14) or a local dir"
     )
     revision: str | None = None
     mlp_weights: str | None = Field(
-        None, description="sac+logos+ava1-l14-linearMSE.pth path or URL; None: random"
+        None, description="sac+logos+ava1-l14-linearMSE.pth path or URL, or .safetensors; None: the head "
+        "shipped with tiny (random with tiny-random; required with any other clip_model)"
     )
     device: str = "auto"
     dtype: str = "float32"

@@ -1,9 +1,10 @@
 """Rewards computed in the caller's process, by name, for the single-process loop and tools.
 
 The distributed system calls the same functions inside Ray Serve replicas; this module is the
-in-process path (no network, no Ray). Model-based rewards (aesthetic, llava_bertscore) load
-their offline defaults here (tiny CLIP + seed-0 MLP; tiny LLaVA + MiniLM BERTScore, as the
-Serve applications' default args) on first use, once per process.
+in-process path (no network, no Ray). Model-based rewards (aesthetic, llava_bertscore, and the
+gold references aesthetic_gold, alignment_gold) load their offline defaults here (the trained
+tiny scorer, captioner + MiniLM BERTScore, attribute model: the Serve applications' default
+args) on first use, once per process.
 """
 
 from __future__ import annotations
@@ -37,10 +38,22 @@ def _llava_bertscore() -> Callable[[np.ndarray, Sequence[str]], np.ndarray]:
     return lambda images, prompts: llava_bertscore_rewards(captioner, bertscore, images, prompts)[0]
 
 
+def _gold(name: str) -> Callable[[], Callable[[np.ndarray, Sequence[str]], np.ndarray]]:
+    def load() -> Callable[[np.ndarray, Sequence[str]], np.ndarray]:
+        from reward_services.gold import gold_function
+
+        function = gold_function(name)
+        return lambda images, prompts: np.asarray(function(list(zip(list(images), prompts))))
+
+    return load
+
+
 # name -> loader of the default model, called once per process (they take seconds to build)
 MODEL_REWARDS: dict[str, Callable[[], Callable[[np.ndarray, Sequence[str]], np.ndarray]]] = {
     "aesthetic": _aesthetic,
     "llava_bertscore": _llava_bertscore,
+    "aesthetic_gold": _gold("aesthetic_gold"),
+    "alignment_gold": _gold("alignment_gold"),
 }
 _loaded_models: dict[str, Callable[[np.ndarray, Sequence[str]], np.ndarray]] = {}
 

@@ -59,6 +59,13 @@ REWARD_APPS: dict[str, RewardApp] = {
         ingress="LlavaBertScore",
         deployments=("LlavaBertScore", "LlavaCaptioner", "BertScorer"),
     ),
+    **{
+        name: RewardApp(
+            name, "reward_services.gold:build_app", ingress="GoldReward", deployments=("GoldReward",),
+            default_args={"reward_name": name},
+        )
+        for name in ("aesthetic_gold", "alignment_gold")
+    },
 }
 
 

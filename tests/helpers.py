@@ -37,6 +37,8 @@ TEST_APP_ARGS = {
             "LlavaBertScore": {"ray_actor_options": {"num_cpus": 0.1}},
         },
     },
+    "aesthetic_gold": {"deployment_options": {"GoldReward": HALF_CPU}},
+    "alignment_gold": {"device": "cpu", "deployment_options": {"GoldReward": HALF_CPU}},
 }
 
 # A small run of the tiny model (config overrides): small epochs; half-CPU actors (one torch

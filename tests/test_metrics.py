@@ -64,7 +64,7 @@ def exported_run(yaml_apps, tmp_path_factory):
     out = tmp_path_factory.mktemp("metrics")
     # Two rewards, so a model replica (aesthetic, @serve.batch) reports its batches too.
     rewards = ["reward.name=null", "reward.weights={jpeg_compressibility: 1.0, aesthetic: 0.01}",
-               "eval.guard_reward=aesthetic", "eval.guard_margin=1.0"]  # a guard that never stops it
+               "eval.guard_reward=aesthetic", "eval.guard_margin=100.0"]  # a guard that never stops it (scores span 0..10)
     history = run_distributed(build_config(
         overrides=[*SMALL, *rewards, "num_epochs=2", f"output_dir={out}", f"run_name={run_name}"]))
 

@@ -99,3 +99,23 @@ def test_concurrent_requests_are_batched_and_answered_in_order(reward_apps):
     responses = [handle.score.remote(images[i : i + 2], PROMPTS[:2]) for i in range(0, 12, 2)]
     got = np.concatenate([r.result(timeout_s=120)["rewards"] for r in responses])
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_gold_apps_equal_in_process_functions(reward_apps):
+    from ddpo_ray.tiny.world import make_batch
+    from reward_services.attribute_model import AttributeModel
+    from reward_services.tiny_aesthetic import tiny_aesthetic
+
+    images, scenes = make_batch(np.random.default_rng(7), 4)
+    prompts = [scene.caption(with_position=False) for scene in scenes]
+    expected = {
+        "aesthetic_gold": tiny_aesthetic(images),
+        "alignment_gold": AttributeModel(device="cpu")(images, prompts),
+    }
+    for app, values in expected.items():
+        np.testing.assert_allclose(score_by_handle(app, images, prompts)["rewards"], values, atol=1e-9)
+        np.testing.assert_allclose(score_by_http(reward_apps.http_url, app, images, prompts)["rewards"], values, atol=1e-9)
+    # alignment_gold reads tiny-world prompts only: another prompt is bad input (400), by index.
+    body = {"images": [encode_image(image) for image in images[:2]], "prompts": [prompts[0], "a cat"]}
+    response = requests.post(f"{reward_apps.http_url}/alignment_gold", json=body, timeout=60)
+    assert response.status_code == 400 and "prompts[1]" in response.json()["error"]

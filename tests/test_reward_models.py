@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from ddpo_ray.infra.hf_loading import RewardModelNotFoundError
-from reward_services.aesthetic_model import AestheticMLP, AestheticPredictor, build_tiny_clip, load_mlp
+from reward_services.aesthetic_model import AestheticMLP, AestheticPredictor, build_tiny_random_clip, load_mlp
 from reward_services.bertscore import BertScore
-from reward_services.captioner import Captioner, build_tiny_llava
+from reward_services.captioner import Captioner, build_tiny_random_llava
 from reward_services.functions import llava_bertscore_rewards
 from reward_services.registry import REWARD_APPS
 from reward_services.runtime import ModelReplica, flatten_call_split
@@ -68,10 +68,10 @@ def test_aesthetic_score_is_the_mlp_of_the_normalised_clip_embedding():
 
 def test_mlp_weights_file_and_clip_dir_load(tmp_path):
     """Real loading paths: a .pth state dict (the LAION format) and a save_pretrained CLIP dir."""
-    reference = AestheticPredictor(device="cpu", seed=3)
+    reference = AestheticPredictor(clip_model="tiny-random", device="cpu", seed=3)
     weights = tmp_path / "sac+logos+ava1-l14-linearMSE.pth"
     torch.save(reference.mlp.state_dict(), weights)
-    clip, processor = build_tiny_clip(seed=3)
+    clip, processor = build_tiny_random_clip(seed=3)
     clip.save_pretrained(tmp_path / "clip")
     processor.save_pretrained(tmp_path / "clip")
     # Seed 0 would build a different random MLP: equal scores prove both files were used.
@@ -80,7 +80,7 @@ def test_mlp_weights_file_and_clip_dir_load(tmp_path):
     )
     images = sample_images(2)
     np.testing.assert_allclose(loaded(images), reference(images), rtol=1e-6)
-    assert not np.allclose(AestheticPredictor(device="cpu", seed=0)(images), reference(images))
+    assert not np.allclose(AestheticPredictor(clip_model="tiny-random", device="cpu", seed=0)(images), reference(images))
     with pytest.raises(FileNotFoundError, match="mlp_weights='/nope.pth': no such file"):
         load_mlp("/nope.pth")
 
@@ -89,7 +89,9 @@ def test_missing_models_fail_with_a_clear_error(tmp_path):
     with pytest.raises(
         RewardModelNotFoundError, match="clip_model='openai/clip-vit-large-patch14'.*HF_HUB_OFFLINE"
     ):
-        AestheticPredictor(clip_model="openai/clip-vit-large-patch14", device="cpu")
+        AestheticPredictor(clip_model="openai/clip-vit-large-patch14", mlp_weights="/m.pth", device="cpu")
+    with pytest.raises(ValueError, match="mlp_weights is required with clip_model='/some/clip'"):
+        AestheticPredictor(clip_model="/some/clip", device="cpu")
     with pytest.raises(RewardModelNotFoundError, match="has no config.json"):
         Captioner(model=str(tmp_path), device="cpu")
     with pytest.raises(ValueError, match="set num_layers"):
@@ -117,13 +119,13 @@ def test_tiny_llava_is_deterministic_and_batch_invariant(captioner):
     assert batched[0].startswith(short) and len(short) < len(batched[0])
 
 
-def test_llava_loads_from_a_saved_dir(tmp_path, captioner):
-    model, processor = build_tiny_llava(seed=0)
+def test_llava_loads_from_a_saved_dir(tmp_path):
+    model, processor = build_tiny_random_llava(seed=0)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     loaded = Captioner(model=str(tmp_path), device="cpu")
     images = sample_images(2)
-    assert loaded(images) == captioner(images)
+    assert loaded(images) == Captioner(model="tiny-random", device="cpu", seed=0)(images)
 
 
 def test_in_process_alignment_reward(captioner, bertscore):

@@ -8,6 +8,7 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 
 from reward_services.aesthetic import AestheticArgs
+from reward_services.gold import GoldArgs
 from reward_services.http_api import encode_image
 from reward_services.jpeg_app import JpegArgs
 from reward_services.llava_bertscore import LlavaBertScoreArgs
@@ -18,6 +19,7 @@ ARGS_MODELS = {
     "reward_services.jpeg_app:build_app": JpegArgs,
     "reward_services.aesthetic:build_app": AestheticArgs,
     "reward_services.llava_bertscore:build_app": LlavaBertScoreArgs,
+    "reward_services.gold:build_app": GoldArgs,
 }
 
 
@@ -48,7 +50,8 @@ def test_serve_yaml_is_a_valid_config_for_every_reward():
 @pytest.mark.ray
 def test_serve_yaml_applications_answer_over_http(yaml_apps):
     serve_run_config(SERVE_YAML, yaml_apps)  # back to the file's state if a test changed an app
-    body = {"images": [encode_image(image) for image in sample_images(3)], "prompts": ["a", "b", "c"]}
+    prompts = ["a red circle", "two blue squares", "three green triangles"]  # alignment_gold reads tiny-world prompts only
+    body = {"images": [encode_image(image) for image in sample_images(3)], "prompts": prompts}
     for name in REWARD_APPS:
         response = requests.post(f"{yaml_apps.http_url}/{name}", json=body, timeout=120)
         assert response.status_code == 200, (name, response.text)

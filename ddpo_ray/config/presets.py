@@ -56,20 +56,25 @@ _TINY_LEARNING = {
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     # The paper's four tasks at small scale: minutes on a CPU. The guard watches a second reward
-    # on held-out images while the JPEG size is optimised. With `tiny` that is the random-weight
-    # aesthetic head (offline default): a fixed function of the image, not a judgement of
-    # beauty, whose held-out values spread by ~0.0006 (std over the eval images, measured), so
-    # the margin is about one such spread. It shows the mechanism; real guards need real weights.
+    # on held-out images while the JPEG size is optimised: on `tiny` the trained tiny aesthetic
+    # scorer, whose values over base-model samples spread by 1.27 (std, 64 samples, measured by
+    # bench/tiny_rewards.py), so the margin is about one such spread.
     "tiny_compressibility": merged(_TINY_LEARNING, {
         "reward": {"name": "jpeg_compressibility"},
-        "eval": {"guard_reward": "aesthetic", "guard_margin": 0.0005},
+        "eval": {"guard_reward": "aesthetic", "guard_margin": 1.0},
     }),
     "tiny_incompressibility": merged(_TINY_LEARNING, {
         "reward": {"name": "jpeg_incompressibility"},
-        "eval": {"guard_reward": "aesthetic", "guard_margin": 0.0005},
+        "eval": {"guard_reward": "aesthetic", "guard_margin": 1.0},
     }),
-    "tiny_aesthetic": merged(_TINY_LEARNING, {"reward": {"name": "aesthetic"}}),
-    "tiny_alignment": merged(_TINY_LEARNING, {"reward": {"name": "llava_bertscore"}}),
+    # The learned proxies on `tiny`, each evaluated beside its gold reference (what the proxy
+    # stands for), so over-optimisation shows in eval.jsonl as proxy up, gold down.
+    "tiny_aesthetic": merged(_TINY_LEARNING, {
+        "reward": {"name": "aesthetic"}, "eval": {"rewards": ["aesthetic_gold"]},
+    }),
+    "tiny_alignment": merged(_TINY_LEARNING, {
+        "reward": {"name": "llava_bertscore"}, "eval": {"rewards": ["alignment_gold"]},
+    }),
     "sd15_compressibility": _SD15,
     "sd15_incompressibility": merged(_SD15, {"reward": {"name": "jpeg_incompressibility"}}),
     "sd15_aesthetic": merged(_SD15, {

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ddpo_ray.infra.prompt_names import PROMPT_SET_NAMES
+from ddpo_ray.infra.prompt_names import PROMPT_SET_NAMES, TINY_WORLD_PROMPT_SETS
 from ddpo_ray.infra.reward_names import REWARD_NAMES
 
 
@@ -230,6 +230,21 @@ class DDPOConfig(_Section):
     def num_train_timesteps(self) -> int:
         """Denoising steps trained per sample (the first int(num_steps * fraction) of a shuffle)."""
         return int(self.sample.num_steps * self.train.timestep_fraction)
+
+    @model_validator(mode="after")
+    def _gold_reads_tiny_prompts(self) -> "DDPOConfig":
+        if "alignment_gold" not in self.eval_reward_names():
+            return self
+        fields = {"prompts.name": self.prompts.name}
+        if self.eval.every:
+            fields["prompts.eval_name"] = self.prompts.eval_name
+        for field, name in fields.items():
+            if name not in TINY_WORLD_PROMPT_SETS:
+                raise ValueError(
+                    f"{field}={name!r}: alignment_gold reads tiny-world prompts only; expected one of "
+                    f"{list(TINY_WORLD_PROMPT_SETS)}"
+                )
+        return self
 
     @model_validator(mode="after")
     def _epoch_arithmetic(self) -> "DDPOConfig":

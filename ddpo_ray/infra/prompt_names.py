@@ -17,3 +17,6 @@ PROMPT_SET_NAMES: tuple[str, ...] = (
     "tiny_shapes",
     "tiny_shapes_held_out",
 )
+
+# The sets written in the tiny world's grammar: the only prompts `alignment_gold` can read.
+TINY_WORLD_PROMPT_SETS: tuple[str, ...] = ("tiny_shapes", "tiny_shapes_held_out")

@@ -1,7 +1,7 @@
 """Trains the `tiny` aesthetic scorer: a CLIP vision tower + the LAION MLP head, on the tiny world.
 
     python -m ddpo_ray.tiny.aesthetic_trainer                 # writes ddpo_ray/tiny/assets/aesthetic
-    python -m ddpo_ray.tiny.aesthetic_trainer --out DIR --steps 600 --seed 0
+    python -m ddpo_ray.tiny.aesthetic_trainer --out DIR --steps 2000 --seed 0
 
 The scorer has the real predictor's classes and shapes (`CLIPVisionModelWithProjection`
 projecting to 768 dims, L2-normalised, into `AestheticMLP` 768 -> 1024 -> 128 -> 64 -> 16 -> 1),
@@ -14,7 +14,6 @@ in fp16 (a few MB); held-out Spearman correlation with the gold is written to tr
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -23,16 +22,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from ddpo_ray.maths.stats import spearman
+from ddpo_ray.tiny import ASSETS
+from ddpo_ray.tiny.augment import degrade
+from ddpo_ray.tiny.trainer_cli import run_trainer, trainer_parser
 from ddpo_ray.tiny.world import IMAGE_SIZE, make_batch
 from reward_services.aesthetic_model import EMBEDDING_DIM, AestheticMLP, CLIPImageProcessor
 from reward_services.tiny_aesthetic import tiny_aesthetic
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OUT = Path(__file__).parent / "assets" / "aesthetic"
+DEFAULT_OUT = ASSETS / "aesthetic"
 MLP_FILE = "mlp.safetensors"
 
 
@@ -48,35 +50,11 @@ def tiny_clip_processor() -> CLIPImageProcessor:
     return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
 
 
-def degrade(images: np.ndarray, rng: np.random.Generator, fraction: float = 0.4) -> np.ndarray:
-    """A `fraction` of the images made off-world: pixel noise, blur, or a blend of two images."""
-    out = images.copy()
-    for i in np.nonzero(rng.uniform(size=len(images)) < fraction)[0]:
-        kind = rng.integers(3)
-        if kind == 0:
-            noisy = out[i].astype(np.float64) + rng.normal(0, rng.uniform(5, 60), out[i].shape)
-            out[i] = np.clip(noisy, 0, 255).astype(np.uint8)
-        elif kind == 1:
-            blurred = Image.fromarray(out[i]).filter(ImageFilter.GaussianBlur(float(rng.uniform(0.5, 2.5))))
-            out[i] = np.asarray(blurred)
-        else:
-            other = images[rng.integers(len(images))].astype(np.float64)
-            alpha = rng.uniform(0.2, 0.8)
-            out[i] = np.clip(alpha * out[i] + (1 - alpha) * other, 0, 255).astype(np.uint8)
-    return out
-
-
 def world_batch(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """(images, gold tiny-aesthetic scores) of freshly drawn, partly degraded world images."""
     images, _ = make_batch(rng, size)
     images = degrade(images, rng)
     return images, tiny_aesthetic(images)
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (no ties expected in continuous scores)."""
-    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
 
 
 class Scorer(torch.nn.Module):
@@ -143,18 +121,9 @@ def save(scorer: Scorer, processor: CLIPImageProcessor, out: Path, summary: dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ddpo_ray.tiny.aesthetic_trainer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    summary = train(args.out, args.steps, args.batch_size, args.seed, args.lr)
-    print(json.dumps(summary, indent=1))
-    return 0
+    parser = trainer_parser("ddpo_ray.tiny.aesthetic_trainer", __doc__, DEFAULT_OUT,
+                            steps=2000, batch_size=64, seed=0, lr=1e-3)
+    return run_trainer(train, parser.parse_args(argv))
 
 
 if __name__ == "__main__":
