@@ -9,8 +9,8 @@ reward is still recorded) and with the preset's guard, and reports where the gua
 run next to where the unguarded run's guard reward peaked.
 
 Writes one PNG (a panel per task) and JSON. With `tiny`, the aesthetic and alignment rewards are
-random-weight models (offline defaults): fixed functions of the image, so these curves show that
-the machinery optimises them, not that images get prettier.
+the trained tiny reward models (README, "The tiny reward models"); their presets also evaluate
+`aesthetic_gold` / `alignment_gold` (in each run's eval.jsonl).
 
     python bench/learning.py                        # 20 epochs per run, ~10 minutes on 2 cores
     python bench/learning.py --epochs 6 --tasks tiny_compressibility --out-dir /tmp/learning
