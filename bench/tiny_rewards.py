@@ -32,7 +32,7 @@ from rewards import deploy, in_process_rate, serve_rate  # bench/rewards.py, thi
 
 from ddpo_ray.maths.stats import spearman
 from ddpo_ray.tiny.augment import degrade
-from ddpo_ray.tiny.world import COLOURS, SHAPES, make_batch, object_prompt, scene_attributes
+from ddpo_ray.tiny.world import make_batch, scene_attributes
 
 MODEL_REWARDS = ("aesthetic", "llava_bertscore", "aesthetic_gold", "alignment_gold")
 HELD_OUT = 91_000
@@ -40,7 +40,7 @@ HELD_OUT = 91_000
 
 def quality(n: int) -> dict:
     from ddpo_ray.tiny.aesthetic_trainer import world_batch
-    from ddpo_ray.tiny.captioner_trainer import caption_accuracy
+    from ddpo_ray.tiny.captioner_trainer import caption_accuracy, describing_prompt_wins
     from reward_services.aesthetic_model import AestheticPredictor
     from reward_services.attribute_model import AttributeModel
     from reward_services.bertscore import BertScore
@@ -58,16 +58,10 @@ def quality(n: int) -> dict:
         out[f"alignment_gold_all_attributes_{name}"] = float(np.mean([r == scene_attributes(s) for r, s in zip(read, scenes)]))
         if name == "clean":
             out["caption_examples"] = [{"caption": c, "truth": s.caption()} for c, s in zip(captions[:6], scenes[:6])]
-            true_prompts, wrong_prompts, pair_captions = [], [], []
-            for caption, scene in zip(captions, scenes):
-                wrong_colour = str(rng.choice([c for c in COLOURS if c != scene.colour]))
-                wrong_shape = str(rng.choice([s for s in SHAPES if s != scene.shape]))
-                for wrong in (object_prompt(scene.count, wrong_colour, scene.shape), object_prompt(scene.count, scene.colour, wrong_shape)):
-                    true_prompts.append(f"The image contains {object_prompt(scene.count, scene.colour, scene.shape)}")
-                    wrong_prompts.append(f"The image contains {wrong}")
-                    pair_captions.append(caption)
-            right, wrong = bertscore(pair_captions, true_prompts)[1], bertscore(pair_captions, wrong_prompts)[1]
-            out["llava_bertscore_describing_prompt_wins"] = float(np.mean(right > wrong))
+            wins = describing_prompt_wins(captions, scenes, bertscore, rng)
+            out["llava_bertscore_describing_prompt_wins"] = float(wins.mean())
+            out["llava_bertscore_wins_against_other_colour"] = float(wins[0::2].mean())
+            out["llava_bertscore_wins_against_other_shape"] = float(wins[1::2].mean())
     images, gold = world_batch(np.random.default_rng(HELD_OUT + 1), n)
     out["aesthetic_spearman_vs_gold"] = spearman(AestheticPredictor(device="cpu")(images), gold)
     return out

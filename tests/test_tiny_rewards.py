@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ddpo_ray.maths.stats import spearman
-from ddpo_ray.tiny.world import COLOURS, SHAPES, make_batch, object_prompt, scene_attributes
+from ddpo_ray.tiny.world import COLOURS, make_batch, object_prompt, scene_attributes
 from tests.helpers import REPO
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -52,22 +52,10 @@ def test_captioner_names_what_is_drawn(held_out, captions):
 def test_llava_bertscore_prefers_the_prompt_that_describes_the_image(held_out, captions):
     """For each image, its own object prompt against one with another colour and one with
     another shape (the alternative drawn at random): the true prompt must score higher."""
+    from ddpo_ray.tiny.captioner_trainer import describing_prompt_wins
     from reward_services.bertscore import BertScore
 
-    rng = np.random.default_rng(1)
-    true_prompts, wrong_prompts, pair_captions = [], [], []
-    for caption, scene in zip(captions, held_out[1]):
-        other_colour = str(rng.choice([c for c in COLOURS if c != scene.colour]))
-        other_shape = str(rng.choice([s for s in SHAPES if s != scene.shape]))
-        for wrong in (object_prompt(scene.count, other_colour, scene.shape), object_prompt(scene.count, scene.colour, other_shape)):
-            true_prompts.append(object_prompt(scene.count, scene.colour, scene.shape))
-            wrong_prompts.append(wrong)
-            pair_captions.append(caption)
-    bertscore = BertScore(device="cpu")
-    references = lambda prompts: [f"The image contains {p}" for p in prompts]
-    right = bertscore(pair_captions, references(true_prompts))[1]
-    wrong = bertscore(pair_captions, references(wrong_prompts))[1]
-    wins = right > wrong
+    wins = describing_prompt_wins(captions, held_out[1], BertScore(device="cpu"), np.random.default_rng(1))
     colour_pairs, shape_pairs = wins[0::2].mean(), wins[1::2].mean()
     print(f"\nllava_bertscore: the describing prompt wins {wins.mean():.1%} of {len(wins)} pairs "
           f"(against another colour {colour_pairs:.1%}, another shape {shape_pairs:.1%})")

@@ -28,6 +28,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,7 +36,17 @@ import torch
 from ddpo_ray.tiny import ASSETS
 from ddpo_ray.tiny.augment import degrade
 from ddpo_ray.tiny.trainer_cli import run_trainer, trainer_parser
-from ddpo_ray.tiny.world import ATTRIBUTES, Scene, make_batch, parse_caption, scene_attributes
+from ddpo_ray.tiny.world import (
+    ATTRIBUTES,
+    COLOURS,
+    SHAPES,
+    Scene,
+    make_batch,
+    object_prompt,
+    parse_caption,
+    scene_attributes,
+)
+from reward_services.alignment import references_for
 from reward_services.captioner import Captioner, build_tiny_random_llava
 
 log = logging.getLogger(__name__)
@@ -62,6 +73,28 @@ def caption_accuracy(captions: list[str], scenes: list[Scene]) -> dict[str, floa
     accuracy = {name: right[name] / len(scenes) for name in SCORED}
     accuracy["colour_and_shape"] = both / len(scenes)
     return accuracy
+
+
+def describing_prompt_wins(
+    captions: Sequence[str], scenes: Sequence[Scene], bertscore: Callable, rng: np.random.Generator
+) -> np.ndarray:
+    """Does `llava_bertscore` prefer the prompt that describes the image? Two pairs per image.
+
+    The image's own object prompt ("two red circles") against one with another colour, then one
+    with another shape (each drawn from `rng`); True where the BERTScore recall of the caption
+    against the true prompt's reference is the higher. Even entries: colour pairs; odd: shape.
+    """
+    true_prompts, wrong_prompts, pair_captions = [], [], []
+    for caption, scene in zip(captions, scenes):
+        other_colour = str(rng.choice([c for c in COLOURS if c != scene.colour]))
+        other_shape = str(rng.choice([s for s in SHAPES if s != scene.shape]))
+        for wrong in (object_prompt(scene.count, other_colour, scene.shape), object_prompt(scene.count, scene.colour, other_shape)):
+            true_prompts.append(object_prompt(scene.count, scene.colour, scene.shape))
+            wrong_prompts.append(wrong)
+            pair_captions.append(caption)
+    right = bertscore(pair_captions, references_for(true_prompts))[1]
+    wrong = bertscore(pair_captions, references_for(wrong_prompts))[1]
+    return np.asarray(right) > np.asarray(wrong)
 
 
 def teacher_forcing(captioner: Captioner, images: np.ndarray, captions: list[str]) -> dict[str, torch.Tensor]:
