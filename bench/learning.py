@@ -1,69 +1,85 @@
-"""The DDPO paper's four tasks at small scale: reward curves, held-out vs train, with and without the guard.
+"""Does DDPO learn on `tiny`, on every seed? The paper's four tasks over seeds 0-4.
 
-For each `tiny_*` preset (compressibility, incompressibility, aesthetic, alignment) this runs
-the single-process loop with held-out evaluation every epoch and records, per policy version:
-the training reward (samples drawn by that version, eta 1) and the held-out reward (fixed eval
-prompts and noise, eta 0; train-prompt and held-out-prompt groups separately). For the presets
-with a guard (the JPEG tasks), it runs twice: without stopping (eval.guard_margin=inf: the guard
-reward is still recorded) and with the preset's guard, and reports where the guard stopped the
-run next to where the unguarded run's guard reward peaked.
+For each `tiny_*` preset (compressibility, incompressibility, aesthetic, alignment) and each
+seed, this runs the single-process loop with held-out evaluation every epoch and reads the run
+through `LearningGain`: held-out base (version 0) / best / final, and the gains in units of the
+base model's spread over the eval images (the issue's bar: final gain >= 1 on every seed, and
+no collapse, final >= base, on at least 4 of 5). Also per prompt group (the training prompts vs
+held-out shapes never trained on) and, for the learned rewards, their gold references.
 
-Writes one PNG (a panel per task) and JSON. With `tiny`, the aesthetic and alignment rewards are
-the trained tiny reward models (README, "The tiny reward models"); their presets also evaluate
-`aesthetic_gold` / `alignment_gold` (in each run's eval.jsonl).
+Writes `learning.json`, `learning.png` (held-out gain per version, a line per seed, a panel per
+task) and, for the first seed, the eval grids at the start, the best version and the end.
 
-    python bench/learning.py                        # 20 epochs per run, ~10 minutes on 2 cores
-    python bench/learning.py --epochs 6 --tasks tiny_compressibility --out-dir /tmp/learning
+    python bench/learning.py                                  # 4 tasks x 5 seeds, ~1 hour on 2 cores
+    python bench/learning.py --tasks tiny_aesthetic --seeds 0 1 train.learning_rate=3e-3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from ddpo_ray.config import build_config
 from ddpo_ray.records.run_dir import RunDirectory
 from ddpo_ray.training.evaluation import EvalSet
+from ddpo_ray.training.learning_gain import LearningGain
 from ddpo_ray.training.local_loop import run_local as run_local_loop
 
 TASKS = ("tiny_compressibility", "tiny_incompressibility", "tiny_aesthetic", "tiny_alignment")
 
 
-def run_task(preset: str, epochs: int, seed: int, out: Path, guarded: bool, overrides: list[str]) -> dict:
-    name = f"{preset}-{'guarded' if guarded else 'unguarded'}"
+def run_seed(preset: str, seed: int, epochs: int | None, out: Path, overrides: list[str]) -> dict:
+    """One run; its held-out record overall, per group and for each extra eval reward."""
+    name = f"{preset}-seed{seed}"
     cfg = build_config(preset, overrides=[
-        f"num_epochs={epochs}", f"seed={seed}", "save_freq=0", "metrics=false",
-        f"output_dir={out}", f"run_name={name}", *overrides,
+        f"seed={seed}", "save_freq=0", "metrics=false", "eval.every=1", "eval.guard_margin=.inf",
+        f"output_dir={out}", f"run_name={name}", *([f"num_epochs={epochs}"] if epochs else []), *overrides,
     ])
-    if not guarded and cfg.eval.guard_reward:
-        cfg.eval.guard_margin = math.inf  # record the guard reward, never stop
     start = time.perf_counter()
     history = run_local_loop(cfg)
     seconds = time.perf_counter() - start
-    evals = RunDirectory(out / name).read_evals()
-    guard_key = f"eval_{cfg.eval.guard_reward}_mean" if cfg.eval.guard_reward else None
-    groups = EvalSet.from_config(cfg).group_names()
-    return {
-        "preset": preset, "guarded": guarded, "seconds": round(seconds, 1), "epochs_run": len(history),
-        "guard_reward": cfg.eval.guard_reward,
-        "guard_margin": cfg.eval.guard_margin if math.isfinite(cfg.eval.guard_margin) else None,
-        "train_reward": [m["reward_mean"] for m in history],  # index = policy version that sampled it
-        "train_reward_std": [m["reward_std"] for m in history],
-        "eval_versions": [r["policy_version"] for r in evals],
-        "eval_reward": [r["eval_reward_mean"] for r in evals],
-        "eval_reward_by_group": {g: [r[f"eval_reward_{g}_mean"] for r in evals] for g in groups},
-        "guard": [r[guard_key] for r in evals] if guard_key else None,
-        "best_version": evals[-1]["eval_best_version"],
-        "stopped_at_version": evals[-1]["policy_version"] if evals[-1].get("eval_guard_stop") else None,
+    run_dir = RunDirectory(out / name)
+    evals = run_dir.read_evals()
+    gain = LearningGain.from_evals(evals)
+    result = {
+        "preset": preset, "seed": seed, "seconds": round(seconds, 1), "epochs": len(history),
+        "train_reward": [m["reward_mean"] for m in history], "held_out": gain.row(),
+        "groups": {g: LearningGain.from_evals(evals, f"eval_reward_{g}_mean", "eval_reward_std").row()
+                   for g in EvalSet.from_config(cfg).group_names()},
+        "eval_rewards": {n: LearningGain.from_evals(evals, f"eval_{n}_mean").row()
+                         for n in cfg.eval_reward_names() if n not in cfg.reward.components()},
+        "run_dir": str(run_dir.root),
     }
+    return result
 
 
-def plot(results: dict[str, dict], path: Path) -> None:
+def print_table(results: dict[str, list[dict]]) -> None:
+    print("\nheld-out eval (training reward on fixed eval noise); gains in base-model spreads")
+    print(f"{'task':24s} {'seed':>4s} {'base':>9s} {'best':>9s} {'final':>9s} {'spread':>7s} "
+          f"{'gain@best':>9s} {'gain@end':>8s} {'collapse':>8s}  groups (gain@end)  eval rewards (gain@end)")
+    for preset, runs in results.items():
+        for r in runs:
+            h = r["held_out"]
+            groups = " ".join(f"{g}:{v['gain_final']:+.2f}" for g, v in r["groups"].items())
+            extra = " ".join(f"{n}:{v['gain_final']:+.2f}" for n, v in r["eval_rewards"].items())
+            print(f"{preset:24s} {r['seed']:4d} {h['base']:+9.4f} {h['best']:+9.4f} {h['final']:+9.4f} "
+                  f"{h['base_std']:7.4f} {h['gain_best']:+9.2f} {h['gain_final']:+8.2f} "
+                  f"{'yes' if h['collapsed'] else 'no':>8s}  {groups}  {extra}")
+        learned = sum(r["held_out"]["learned"] for r in runs)
+        kept = sum(not r["held_out"]["collapsed"] for r in runs)
+        mean_gain = sum(r["held_out"]["gain_final"] for r in runs) / len(runs)
+        print(f"{preset:24s} summary: gain@end >= 1 on {learned}/{len(runs)} seeds, no collapse on "
+              f"{kept}/{len(runs)}, mean gain@end {mean_gain:+.2f}")
+
+
+def plot(results: dict[str, list[dict]], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -71,64 +87,69 @@ def plot(results: dict[str, dict], path: Path) -> None:
     FigureCanvasAgg(fig)
     for i, (preset, runs) in enumerate(results.items()):
         ax = fig.add_subplot(2, 2, i + 1)
-        run = runs["unguarded"]
-        ax.plot(range(len(run["train_reward"])), run["train_reward"], "o-", label="train (eta 1)")
-        for group, values in run["eval_reward_by_group"].items():
-            ax.plot(run["eval_versions"], values, "s--", label=f"held-out eval: {group}")
+        for r in runs:
+            h = r["held_out"]
+            gains = [(v - h["values"][0]) / max(h["base_std"], 1e-12) for v in h["values"]]
+            ax.plot(h["versions"], gains, "o-", markersize=3, label=f"seed {r['seed']}")
+        ax.axhline(1.0, color="gray", linestyle=":", label="one base spread")
+        ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xlabel("policy version (epochs trained)")
-        ax.set_ylabel(preset.removeprefix("tiny_") + " reward")
+        ax.set_ylabel("held-out gain (base spreads)")
         ax.set_title(preset)
         ax.grid(alpha=0.3)
-        if run["guard"] is not None:
-            twin = ax.twinx()
-            twin.plot(run["eval_versions"], run["guard"], "^:", color="gray", label=f"guard: {run['guard_reward']} (eval)")
-            twin.set_ylabel(f"guard {run['guard_reward']}", color="gray")
-            peak = run["eval_versions"][max(range(len(run["guard"])), key=run["guard"].__getitem__)]
-            twin.axvline(peak, color="gray", alpha=0.4, linestyle=":")
-            stopped = runs.get("guarded", {}).get("stopped_at_version")
-            if stopped is not None:
-                ax.axvline(stopped, color="red", alpha=0.6, label=f"guarded run stopped (v{stopped})")
-            twin.legend(loc="lower right", fontsize=7)
         ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
 
 
+def copy_grids(run: dict, out_dir: Path) -> list[Path]:
+    """The first seed's eval grids at version 0, the best version and the last."""
+    h = run["held_out"]
+    copied = []
+    for label, version in (("start", 0), ("best", h["best_version"]), ("end", h["versions"][-1])):
+        source = Path(run["run_dir"]) / "eval" / f"version_{version:04d}.png"
+        if source.exists():
+            target = out_dir / f"{run['preset']}_{label}_v{version}.png"
+            shutil.copyfile(source, target)
+            copied.append(target)
+    return copied
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the preset's num_epochs")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    parser.add_argument("--out-dir", default="bench/results")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out-dir", default="bench/results/learning")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    results: dict[str, dict] = {}
+    results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.tasks:
-            runs = {"unguarded": run_task(preset, args.epochs, args.seed, Path(tmp), False, args.overrides)}
-            if runs["unguarded"]["guard"] is not None:
-                runs["guarded"] = run_task(preset, args.epochs, args.seed, Path(tmp), True, args.overrides)
-            results[preset] = runs
-            u = runs["unguarded"]
-            line = (f"{preset}: train reward v0 {u['train_reward'][0]:+.4f} -> v{len(u['train_reward']) - 1} "
-                    f"{u['train_reward'][-1]:+.4f} | held-out eval v0 {u['eval_reward'][0]:+.4f} -> "
-                    f"v{u['eval_versions'][-1]} {u['eval_reward'][-1]:+.4f} | best v{u['best_version']} | {u['seconds']:.0f}s")
-            if u["guard"] is not None:
-                peak = u["eval_versions"][max(range(len(u["guard"])), key=u["guard"].__getitem__)]
-                g = runs["guarded"]
-                line += (f"\n  guard {u['guard_reward']}: unguarded peak at v{peak} "
-                         f"({max(u['guard']):+.5f}); guarded run (margin {g['guard_margin']}) stopped at "
-                         f"{'v' + str(g['stopped_at_version']) if g['stopped_at_version'] is not None else 'never'}, "
-                         f"best v{g['best_version']}")
-            print(line, flush=True)
-
+            results[preset] = []
+            for seed in args.seeds:
+                run = run_seed(preset, seed, args.epochs, Path(tmp), args.overrides)
+                h = run["held_out"]
+                print(f"{preset} seed {seed}: held-out {h['base']:+.4f} -> best {h['best']:+.4f} "
+                      f"(v{h['best_version']}) -> end {h['final']:+.4f}; gain@end {h['gain_final']:+.2f} "
+                      f"spreads | train {run['train_reward'][0]:+.4f} -> {run['train_reward'][-1]:+.4f} "
+                      f"| {run['seconds']:.0f}s", flush=True)
+                results[preset].append(run)
+            copy_grids(results[preset][0], out_dir)
+        print_table(results)
+        for runs in results.values():
+            for run in runs:
+                run.pop("run_dir")
     png = out_dir / "learning.png"
     plot(results, png)
-    (out_dir / "learning.json").write_text(json.dumps(results, indent=1))
-    print(f"wrote {png} and {out_dir / 'learning.json'}")
+    (out_dir / "learning.json").write_text(json.dumps({"overrides": args.overrides, "results": results}, indent=1))
+    print(f"wrote {png}, {out_dir / 'learning.json'} and the first seed's eval grids")
     return 0
 
 

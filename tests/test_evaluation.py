@@ -218,6 +218,29 @@ def test_tracker_keeps_the_best_and_stops_when_the_guard_falls_past_the_margin()
     assert out[-1]["eval_guard_drop"] == pytest.approx(0.3)
 
 
+def test_tracker_writes_gains_in_base_spreads_per_reward_and_prompt_group():
+    cfg = build_config(overrides=["eval.rewards=[aesthetic]"])
+    groups = EvalSet.from_config(cfg).group_names()
+    assert groups == ["train", "tiny_shapes_held_out"]
+
+    def row(reward, train, held_out, aesthetic):
+        return {"eval_reward_mean": reward, "eval_reward_std": 0.5, "eval_reward_train_mean": train,
+                "eval_reward_tiny_shapes_held_out_mean": held_out, "eval_aesthetic_mean": aesthetic,
+                "eval_aesthetic_std": 2.0}
+
+    tracker = EvalTracker(cfg)
+    base = tracker.update(0, row(-3.0, -2.8, -3.2, 4.0))
+    assert base["eval_reward_gain"] == 0.0 and base["eval_reward_tiny_shapes_held_out_gain"] == 0.0
+    later = tracker.update(1, row(-2.5, -2.0, -3.1, 5.0))
+    assert later["eval_reward_gain"] == pytest.approx(1.0)  # 0.5 up, base spread 0.5
+    assert later["eval_reward_train_gain"] == pytest.approx(1.6)
+    assert later["eval_reward_tiny_shapes_held_out_gain"] == pytest.approx(0.2)
+    assert later["eval_aesthetic_gain"] == pytest.approx(0.5)  # in its own base spread
+    replayed = EvalTracker(cfg)  # a resumed run rebuilds the base from eval.jsonl
+    replayed.replay([{"policy_version": 0, **row(-3.0, -2.8, -3.2, 4.0)}])
+    assert replayed.update(1, row(-2.5, -2.0, -3.1, 5.0))["eval_reward_gain"] == pytest.approx(1.0)
+
+
 def test_tracker_stops_on_a_guard_it_cannot_score_and_names_missing_keys():
     cfg = build_config(overrides=["eval.rewards=[aesthetic]", "eval.guard_reward=aesthetic"])
     tracker = EvalTracker(cfg)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from ddpo_ray.config import TrainConfig
+from ddpo_ray.config import ConfigError, TrainConfig, build_config
 from ddpo_ray.maths.diffusion import sample_trajectories, trajectory_log_prob
-from ddpo_ray.maths.ppo import make_optimizer, ppo_loss, train_epoch
+from ddpo_ray.maths.ppo import make_optimizer, ppo_loss, scheduled_learning_rate, train_epoch
 from ddpo_ray.models.lora import add_lora
 from tests.helpers import randomize_lora
 
@@ -112,3 +112,17 @@ def test_train_epoch_rejects_shapes_that_do_not_split(tiny_pipe):
         train_epoch(tiny_pipe.unet, tiny_pipe.scheduler, optimizer, params, traj, torch.zeros(3), train, **kwargs)
     with pytest.raises(ValueError, match="advantages has shape"):
         train_epoch(tiny_pipe.unet, tiny_pipe.scheduler, optimizer, params, traj, torch.zeros(2), train, **kwargs)
+
+
+def test_cosine_learning_rate_falls_from_the_rate_to_its_final_fraction():
+    train = build_config(overrides=["train.learning_rate=1e-2", "train.lr_schedule=cosine",
+                                    "train.lr_final_fraction=0.1"]).train
+    rates = [scheduled_learning_rate(train, epoch, 11) for epoch in range(11)]
+    assert rates[0] == pytest.approx(1e-2) and rates[-1] == pytest.approx(1e-3)
+    assert rates[5] == pytest.approx(5.5e-3)  # halfway: the mean of the two ends
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert scheduled_learning_rate(train, 40, 11) == pytest.approx(1e-3)  # past the end: the floor
+    constant = build_config(overrides=["train.learning_rate=1e-2"]).train
+    assert {scheduled_learning_rate(constant, epoch, 11) for epoch in range(11)} == {1e-2}
+    with pytest.raises(ConfigError, match="lr_final_fraction"):
+        build_config(overrides=["train.lr_final_fraction=2"])

@@ -79,6 +79,12 @@ class TrainConfig(_Section):
     kl_coef: float = Field(
         0.0, ge=0.0, description="weight of the per-step KL to the reference policy (LoRA off); 0: none"
     )
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="cosine: the learning rate falls from learning_rate (epoch 0) to "
+        "lr_final_fraction x learning_rate (the last epoch), so the last updates are small",
+    )
+    lr_final_fraction: float = Field(0.1, ge=0.0, le=1.0, description="cosine: the last epoch's share of learning_rate")
 
 
 class AdvantageConfig(_Section):

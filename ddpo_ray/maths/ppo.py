@@ -18,6 +18,7 @@ Gradients accumulate over the trained timesteps of a minibatch and over
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import ContextManager
 
@@ -101,6 +102,22 @@ def make_optimizer(params: Sequence[torch.nn.Parameter], train: TrainConfig) -> 
         weight_decay=train.adam_weight_decay,
         eps=train.adam_epsilon,
     )
+
+
+def scheduled_learning_rate(train: TrainConfig, epoch: int, num_epochs: int) -> float:
+    """The learning rate of `epoch` (0-based) of `num_epochs`: a function of the epoch alone, so a
+    resumed run needs no scheduler state. cosine: learning_rate at epoch 0 down to
+    lr_final_fraction x learning_rate at the last epoch."""
+    if train.lr_schedule == "constant" or num_epochs <= 1:
+        return train.learning_rate
+    progress = min(max(epoch, 0), num_epochs - 1) / (num_epochs - 1)
+    floor = train.lr_final_fraction
+    return train.learning_rate * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
 
 
 def shuffle_for_training(

@@ -58,10 +58,15 @@ def format_summary(history: Sequence[Mapping[str, Any]], evals: Sequence[Mapping
     if scored:
         base, end = scored[0], scored[-1]
         gain = end["eval_reward_mean"] - base["eval_reward_mean"]
+        groups = [key.removeprefix("eval_reward_").removesuffix("_gain") for key in end
+                  if key.startswith("eval_reward_") and key.endswith("_gain")]
+        by_group = ", ".join(f"{group} {end[f'eval_reward_{group}_gain']:+.2f}" for group in groups)
         lines.append(
             f"held-out reward v{base['policy_version']} {base['eval_reward_mean']:+.4f} -> "
-            f"v{end['policy_version']} {end['eval_reward_mean']:+.4f} ({gain:+.4f}; base spread "
-            f"{base['eval_reward_std']:.4f}); best v{end.get('eval_best_version')}"
+            f"v{end['policy_version']} {end['eval_reward_mean']:+.4f} ({gain:+.4f} = "
+            f"{gain / max(base['eval_reward_std'], 1e-12):+.2f} base spreads"
+            + (f"; by prompt group: {by_group}" if by_group else "")
+            + f"); best v{end.get('eval_best_version')}"
         )
     lines.append(f"run directory {run_root}: reward_curve.png, samples/, eval/, checkpoints/")
     return "\n".join(lines)

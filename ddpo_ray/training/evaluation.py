@@ -150,9 +150,16 @@ class EvalTracker:
     `update` takes an evaluation's `eval_*` metrics in version order and returns the keys it adds:
     eval_is_best, eval_best_version, eval_best_value and, with a guard, eval_guard_peak,
     eval_guard_drop and eval_guard_stop. A version that trips the guard is never the best.
+    From version 0 on it also adds the gains since version 0 in units of version 0's spread
+    (`ddpo_ray.training.learning_gain`), overall and per prompt group, for every scored reward:
+    eval_<name>_gain and eval_<name>_<group>_gain (the held-out groups beside "train" show
+    whether a gain carries over to prompts never trained on).
     """
 
     def __init__(self, cfg: DDPOConfig):
+        self.scored = ["reward", *cfg.eval_reward_names()]
+        self.groups = EvalSet.from_config(cfg).group_names()
+        self.base: dict[str, float] | None = None
         self.metric = cfg.eval.best_metric
         self.guard_key = f"eval_{cfg.eval.guard_reward}_mean" if cfg.eval.guard_reward else None
         self.margin = cfg.eval.guard_margin
@@ -171,8 +178,23 @@ class EvalTracker:
         value = metrics[key]
         return float("nan") if value is None else float(value)  # eval.jsonl stores nan as null
 
+    def gains(self, policy_version: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """eval_<name>[_<group>]_gain: (mean - version 0's mean) / version 0's eval_<name>_std."""
+        if policy_version == 0:
+            self.base = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}
+        if self.base is None:
+            return {}
+        out = {}
+        for name in self.scored:
+            spread = max(self.base.get(f"eval_{name}_std", float("nan")), 1e-12)
+            for part in ["", *(f"_{g}" for g in self.groups)]:
+                key = f"eval_{name}{part}_mean"
+                if key in self.base and metrics.get(key) is not None:
+                    out[f"eval_{name}{part}_gain"] = (float(metrics[key]) - self.base[key]) / spread
+        return out
+
     def update(self, policy_version: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = self.gains(policy_version, metrics)
         stop = False
         if self.guard_key is not None:
             guard = self._value(policy_version, metrics, self.guard_key)

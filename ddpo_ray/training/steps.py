@@ -17,7 +17,7 @@ import torch
 from ddpo_ray.config import DDPOConfig
 from ddpo_ray.infra.hf_loading import compute_dtype
 from ddpo_ray.maths.diffusion import Trajectories, sample_trajectories
-from ddpo_ray.maths.ppo import train_epoch
+from ddpo_ray.maths.ppo import scheduled_learning_rate, set_learning_rate, train_epoch
 from ddpo_ray.maths.seeding import SAMPLING, TRAINING, make_generator
 
 
@@ -70,6 +70,8 @@ def train_inner_epochs(
     the first pass: 0 (to float precision) when the trajectories were sampled with the weights
     being trained (staleness 0), about the policy lag otherwise.
     """
+    lr = scheduled_learning_rate(cfg.train, epoch, cfg.num_epochs)
+    set_learning_rate(optimizer, lr)
     inner_metrics = []
     for inner in range(cfg.train.num_inner_epochs):
         inner_metrics.append(train_epoch(
@@ -83,4 +85,5 @@ def train_inner_epochs(
     metrics = {key: float(np.mean([m[key] for m in inner_metrics])) for key in inner_metrics[0]}
     metrics["ratio_max_dev"] = max(m["ratio_max_dev"] for m in inner_metrics)
     metrics["ratio_dev_before_update"] = inner_metrics[0]["ratio_dev_before_update"]
+    metrics["learning_rate"] = lr
     return metrics
