@@ -1,11 +1,12 @@
 """Does DDPO learn on the offline `tiny` model? Reward per epoch for both JPEG tasks.
 
 Runs the single-process loop for each task with its `tiny_*` preset (the learning recipe:
-5 steps, 4 prompts x 8 samples, group advantages, one full-batch step per epoch at lr 1e-2),
+5 steps, 4 prompts x 8 samples, group advantages, one full-batch step per epoch at lr 1e-2
+falling to 1e-3; README, "Learning on tiny"),
 prints the training reward per epoch and the held-out eval reward per policy version, and writes
 one PNG: for each task, rows of images from the base model and from the checkpoints after 5 and
 10 epochs, same prompts and same initial noise, so what changed in the images is visible.
-Writes JSON beside it. (bench/learning.py covers all four tasks and the guard.)
+Writes JSON beside it. (bench/learning.py covers all four tasks over seeds 0-4.)
 
     python bench/learning_tiny.py                   # 10 epochs per task, a few minutes each
     python bench/learning_tiny.py --epochs 4 --out-dir /tmp/learning

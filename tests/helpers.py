@@ -41,10 +41,20 @@ TEST_APP_ARGS = {
     "alignment_gold": {"device": "cpu", "deployment_options": {"GoldReward": HALF_CPU}},
 }
 
+# The `tiny` preset is a learning recipe (many samples per prompt, group advantages, a high
+# learning rate, an evaluation every epoch). Tests of the mechanics pin the plain settings they
+# were written against (the schema's defaults), so the recipe can change without moving them.
+PLAIN = [
+    "num_epochs=5", "save_freq=1", "sample.num_steps=20", "sample.batch_size=8", "sample.num_batches_per_epoch=4",
+    "sample.samples_per_prompt=1", "advantage.mode=batch", "train.batch_size=8", "train.learning_rate=3e-4",
+    "train.clip_range=1e-4", "train.lr_schedule=constant", "eval.every=5", "eval.prompts_per_group=4", "eval.eta=0",
+]
+
 # A small run of the tiny model (config overrides): small epochs; half-CPU actors (one torch
 # thread each) so a distributed run fits the shared test cluster. The single-process loop
 # ignores the cluster.* entries.
 SMALL = [
+    *PLAIN,
     "sample.num_steps=4", "sample.batch_size=4", "sample.num_batches_per_epoch=2", "train.batch_size=4",
     "cluster.cpus_per_sampler=0.5", "cluster.cpus_per_learner_worker=0.5",
 ]

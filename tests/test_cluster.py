@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, free_port
+from tests.helpers import PLAIN, REPO, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -48,7 +48,7 @@ def test_job_submit_runs_samplers_on_the_second_node(two_node_cluster, tmp_path)
     out = tmp_path / "outputs"
     # One word per argument: `ray job submit` quotes each when it builds the shell command.
     entrypoint = [
-        sys.executable, "-m", "ddpo_ray.run", f"--serve-port={free_port()}",
+        sys.executable, "-m", "ddpo_ray.run", f"--serve-port={free_port()}", *PLAIN,
         "num_epochs=1", "sample.num_steps=3", "sample.batch_size=2", "sample.num_batches_per_epoch=2",
         "train.batch_size=2", "cluster.num_samplers=2", "cluster.cpus_per_sampler=0.5",
         "cluster.cpus_per_learner_worker=0.5", "cluster.sampler_resources={sampler_node: 1}",

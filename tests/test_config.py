@@ -51,7 +51,9 @@ def test_reward_weights(tmp_path):
         (["train.timestep_fraction=1.5"], "train.timestep_fraction"),
         (["train.batch_size=64"], "train.batch_size=64"),         # larger than the epoch
         (["train.gradient_accumulation_steps=3"], "train.gradient_accumulation_steps=3"),
-        (["advantage.mode=group"], "sample.samples_per_prompt"),
+        (["eval.eta=1.5"], "eval.eta"),
+        (["train.lr_schedule=linear"], "train.lr_schedule"),
+        (["advantage.mode=group", "sample.samples_per_prompt=1"], "sample.samples_per_prompt"),
         (["advantage.min_count=20"], "min_count=20"),
         (["sample.eta=0"], "sample.eta"),
         (["sample.resolution=65"], "resolution=65"),

@@ -14,16 +14,20 @@ import torch
 
 from ddpo_ray.config import ConfigError, TrainConfig, build_config
 from ddpo_ray.evaluate import main as evaluate_main
-from ddpo_ray.maths.diffusion import policy_step_mean, sample_trajectories, trajectory_log_prob
+from ddpo_ray.maths.diffusion import generate_images, policy_step_mean, sample_trajectories, trajectory_log_prob
 from ddpo_ray.maths.ppo import make_optimizer, ppo_loss, score_function_loss, step_kl, train_epoch
 from ddpo_ray.models.lora import add_lora, load_trainable_state_dict, reference_policy
 from ddpo_ray.models.pipelines import load_tiny_pipeline
 from ddpo_ray.records.checkpoint import load_policy_weights
-from ddpo_ray.training.evaluation import EvalSet, EvalTracker, evaluate, generate_eval_images, initial_latents
+from ddpo_ray.training.evaluation import (
+    EvalSet, EvalTracker, evaluate, generate_eval_images, initial_latents, step_noise,
+)
 from ddpo_ray.training.local_loop import run_local
 from reward_services.functions import compute_rewards
+from tests.helpers import PLAIN
 
 SMALL = [
+    *PLAIN,
     "sample.num_steps=3", "sample.batch_size=4", "sample.num_batches_per_epoch=2", "train.batch_size=8",
     "sample.samples_per_prompt=4", "advantage.mode=group", "train.learning_rate=1e-2", "train.clip_range=1e-2",
     "eval.every=1", "eval.prompts_per_group=2", "metrics=false",
@@ -81,6 +85,22 @@ def test_a_run_evaluates_the_same_base_images_as_a_fresh_model(tmp_path):
     assert rows[2]["eval_reward_mean"] != rows[0]["eval_reward_mean"]  # the trained weights differ
 
 
+def test_stochastic_eval_has_its_step_noise_fixed_per_image():
+    """eval.eta=1 evaluates the policy DDPO samples from, still with nothing random left: the
+    same weights give the same images, which differ from deterministic DDIM's; an image's noise
+    does not depend on how many eval images there are."""
+    cfg = build_config(overrides=[*SMALL, "eval.prompts_per_group=2", "eval.eta=1.0"])
+    eval_set = EvalSet.from_config(cfg)
+    pipe = fresh_policy(cfg)
+    first = generate_eval_images(pipe, cfg, eval_set)
+    assert np.array_equal(first, generate_eval_images(pipe, cfg, eval_set))
+    deterministic = generate_eval_images(pipe, cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"eta": 0.0})}), eval_set)
+    assert not np.array_equal(first, deterministic)
+    assert torch.equal(step_noise(0, 3, (4, 8, 8), 5)[2], step_noise(0, 3, (4, 8, 8), 3)[2])
+    with pytest.raises(ValueError, match="needs step_noise of shape"):
+        generate_images(pipe, ["a red circle"], torch.zeros(1, 4, 8, 8), num_steps=3, guidance_scale=5.0, eta=1.0)
+
+
 # --- KL to the reference policy -------------------------------------------------------------
 
 
@@ -105,7 +125,7 @@ def _kl_to_reference(pipe, traj) -> float:
 
 
 def _train(kl_coef: float) -> tuple[float, float, dict]:
-    cfg = build_config()
+    cfg = build_config(overrides=PLAIN)
     pipe = fresh_policy(cfg)
     params = [p for n, p in pipe.unet.named_parameters() if "lora_" in n]
     traj = _sampled_batch(pipe)
@@ -133,7 +153,7 @@ def test_kl_is_zero_at_init_grows_with_updates_and_the_penalty_holds_it_down():
 
 @pytest.mark.slow
 def test_reference_policy_switches_the_adapter_back_on():
-    cfg = build_config()
+    cfg = build_config(overrides=PLAIN)
     pipe = fresh_policy(cfg)
     with torch.no_grad():
         for name, param in pipe.unet.named_parameters():
@@ -157,7 +177,7 @@ def test_kl_penalty_needs_lora():
 
 def test_score_function_and_importance_sampling_agree_on_the_first_gradient():
     """At the sampling weights the ratio is 1: both estimators give one gradient."""
-    cfg = build_config()
+    cfg = build_config(overrides=PLAIN)
     pipe = fresh_policy(cfg)
     with torch.no_grad():  # a non-trivial adapter, so the gradient reaches both LoRA matrices
         for name, param in pipe.unet.named_parameters():

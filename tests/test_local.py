@@ -10,8 +10,10 @@ from ddpo_ray.local import main
 from ddpo_ray.maths.diffusion import sample_trajectories
 from ddpo_ray.models.pipelines import load_tiny_pipeline
 from ddpo_ray.training.local_loop import run_local as run
+from tests.helpers import PLAIN
 
 SMALL = [
+    *PLAIN,
     "sample.num_steps=3", "sample.batch_size=4", "sample.num_batches_per_epoch=2",
     "train.batch_size=4", "train.gradient_accumulation_steps=2", "save_freq=1",
     "advantage.mode=per_prompt", "advantage.buffer_size=4", "advantage.min_count=2",

@@ -122,7 +122,7 @@ def test_cosine_learning_rate_falls_from_the_rate_to_its_final_fraction():
     assert rates[5] == pytest.approx(5.5e-3)  # halfway: the mean of the two ends
     assert all(a > b for a, b in zip(rates, rates[1:]))
     assert scheduled_learning_rate(train, 40, 11) == pytest.approx(1e-3)  # past the end: the floor
-    constant = build_config(overrides=["train.learning_rate=1e-2"]).train
+    constant = build_config(overrides=["train.learning_rate=1e-2", "train.lr_schedule=constant"]).train
     assert {scheduled_learning_rate(constant, epoch, 11) for epoch in range(11)} == {1e-2}
     with pytest.raises(ConfigError, match="lr_final_fraction"):
         build_config(overrides=["train.lr_final_fraction=2"])

@@ -21,12 +21,12 @@ from ddpo_ray.maths.staleness import epochs_awaiting_training, sampling_version
 from ddpo_ray.models.lora import trainable_parameters, trainable_state_dict
 from ddpo_ray.models.pipelines import load_pipeline
 from ddpo_ray.training.steps import sample_batch
-from tests.helpers import randomize_lora
+from tests.helpers import PLAIN, randomize_lora
 
 
 @pytest.mark.ray
 def test_sampler_outputs_change_after_a_sync_and_match_the_learner_exactly(reward_apps):
-    cfg = build_config(overrides=["sample.num_steps=4", "sample.batch_size=2"])
+    cfg = build_config(overrides=[*PLAIN, "sample.num_steps=4", "sample.batch_size=2"])
     transport = ObjectStoreTransport()
     learner = load_pipeline(cfg.model, seed=cfg.seed)
     trainable_parameters(learner.unet, True, cfg.model.lora_rank, seed=cfg.seed)

@@ -40,21 +40,26 @@ _SD15 = {
 }
 
 
-# The `tiny` model's learning recipe (measured in issue 3's sweeps, see README): few steps and
-# many samples per optimizer step, because on `tiny` the JPEG rewards' gradient signal is weak
-# next to its noise. One full-batch step per epoch at a high LoRA learning rate; group
-# advantages over 4 prompts x 8 samples.
+# The `tiny` model's learning recipe (README, "Learning on tiny"; measured over seeds 0-4 with
+# bench/learning.py): few steps and many samples per optimizer step, because on `tiny` the
+# policy gradient of 32 samples is mostly noise (two halves of one epoch's samples give
+# gradients with cosine ~0). One full-batch Adam step per epoch at a high LoRA learning rate
+# that falls (cosine) to a tenth by the last epoch, so the late, noisy steps are small and the
+# policy keeps what it gained; group advantages over 4 prompts x 8 samples. Evaluation samples
+# the policy DDPO trains (eta 1, its noise fixed per eval image), every epoch.
 _TINY_LEARNING = {
     "num_epochs": 15,
     "save_freq": 5,
     "sample": {"num_steps": 5, "batch_size": 8, "num_batches_per_epoch": 4, "samples_per_prompt": 8},
     "advantage": {"mode": "group"},
-    "train": {"batch_size": 32, "learning_rate": 1e-2, "clip_range": 1e-2},
-    "eval": {"every": 1, "prompts_per_group": 8},
+    "train": {"batch_size": 32, "learning_rate": 1e-2, "clip_range": 1e-2, "lr_schedule": "cosine",
+              "lr_final_fraction": 0.1},
+    "eval": {"every": 1, "prompts_per_group": 12, "eta": 1.0},
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {},
+    # The offline default (`make run`): JPEG compressibility with the learning recipe.
+    "tiny": merged(_TINY_LEARNING, {"reward": {"name": "jpeg_compressibility"}}),
     # The paper's four tasks at small scale: minutes on a CPU. The guard watches a second reward
     # on held-out images while the JPEG size is optimised: on `tiny` the trained tiny aesthetic
     # scorer, whose values over base-model samples spread by 1.27 (std, 64 samples, measured by

@@ -154,6 +154,11 @@ class EvalConfig(_Section):
     include_train_prompts: bool = Field(True, description="also evaluate on prompts.name (group 'train')")
     batch_size: int = Field(8, ge=1, description="images per generation call")
     num_steps: int | None = Field(None, ge=1, description="DDIM steps; default sample.num_steps")
+    eta: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="DDIM stochasticity of evaluation: 0 deterministic; > 0 the sampling policy, "
+        "its per-step noise fixed per eval image",
+    )
     rewards: list[str] = Field(default_factory=list, description="extra rewards scored on the eval images")
     guard_reward: str | None = Field(
         None, description="a reward that must not fall (over-optimisation guard); scored on eval images"

@@ -300,25 +300,36 @@ def generate_images(
     num_steps: int,
     guidance_scale: float,
     compute_dtype: torch.dtype = torch.float32,
+    eta: float = 0.0,
+    step_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM (eta 0) from given initial latents: (B, H, W, 3) uint8 images.
+    """DDIM from given initial latents, with no randomness of its own: (B, H, W, 3) uint8 images.
 
-    For evaluation: with the noise fixed and no per-step randomness, the image depends only on
-    the weights, so the same cell of an eval grid shows one image evolving over a run.
+    For evaluation: with the noise fixed, the image depends only on the weights, so the same
+    cell of an eval grid shows one image evolving over a run. eta 0: deterministic DDIM. eta > 0
+    (the policy DDPO trains): step k adds std_k * step_noise[:, k], so `step_noise` (B, num_steps,
+    *latent shape) is required and fixed by the caller.
     """
     if len(prompts) != initial_latents.shape[0]:
         raise ValueError(f"{len(prompts)} prompts but {initial_latents.shape[0]} initial latents")
+    if eta > 0 and (step_noise is None or tuple(step_noise.shape) != (len(prompts), num_steps, *initial_latents.shape[1:])):
+        raise ValueError(
+            f"eta={eta} needs step_noise of shape {(len(prompts), num_steps, *initial_latents.shape[1:])}, got "
+            f"{None if step_noise is None else tuple(step_noise.shape)}"
+        )
     unet, scheduler = pipe.unet, pipe.scheduler
     device = unet.device
     prompt_embeds, negative_prompt_embeds = encode_prompts(pipe, prompts)
     scheduler.set_timesteps(num_steps, device=device)
     latents = initial_latents.to(device, torch.float32) * scheduler.init_noise_sigma
-    for t in scheduler.timesteps:
+    for k, t in enumerate(scheduler.timesteps):
         timesteps = t.expand(len(prompts)).to(device)
-        latents, _ = policy_step_mean(
+        latents, std = policy_step_mean(
             unet, scheduler, latents, timesteps, prompt_embeds, negative_prompt_embeds,
-            guidance_scale=guidance_scale, eta=0.0, compute_dtype=compute_dtype,
+            guidance_scale=guidance_scale, eta=eta, compute_dtype=compute_dtype,
         )
+        if eta > 0:
+            latents = latents + std * step_noise[:, k].to(device, torch.float32)
     return decode_images(pipe, latents)
 
 

@@ -1,7 +1,8 @@
 """Held-out evaluation, the over-optimisation guard and `best` checkpoint selection. No Ray.
 
 An evaluation of policy version v generates one image per eval prompt from fixed initial noise
-with deterministic DDIM (eta 0), so the image in a given cell changes only when the weights do:
+with deterministic DDIM (`eval.eta` 0; with eta > 0, the stochastic policy DDPO trains, its
+per-step noise fixed per image too), so the image in a given cell changes only when the weights do:
 a user watches one image evolve over a run, and two runs with one seed show the same base images.
 The eval set is the config's held-out prompt groups (`prompts.eval_name`), plus a fixed sample of
 the training prompts (group "train"), `eval.prompts_per_group` each.
@@ -88,18 +89,31 @@ def initial_latents(seed: int, shape: Sequence[int], count: int) -> torch.Tensor
     return torch.stack(rows)
 
 
+def step_noise(seed: int, num_steps: int, shape: Sequence[int], count: int) -> torch.Tensor:
+    """(count, num_steps, *shape) standard normal per-step noise for eval.eta > 0; like the initial
+    latents, row i depends only on (seed, i), so every evaluation of a run draws the same noise."""
+    rows = [
+        torch.randn((num_steps, *shape), generator=make_generator(seed, EVALUATION, i, 1), dtype=torch.float32)
+        for i in range(count)
+    ]
+    return torch.stack(rows)
+
+
 def generate_eval_images(pipe, cfg: DDPOConfig, eval_set: EvalSet) -> np.ndarray:
     """The eval images of the pipeline's current weights: (N, H, W, 3) uint8, eval-set order."""
     latent_size = cfg.sample.resolution // pipe.vae_scale_factor
     shape = (pipe.unet.config.in_channels, latent_size, latent_size)
     latents = initial_latents(cfg.seed, shape, len(eval_set))
+    steps = eval_num_steps(cfg)
+    noise = step_noise(cfg.seed, steps, shape, len(eval_set)) if cfg.eval.eta > 0 else None
     images = []
     size = cfg.eval.batch_size
     for start in range(0, len(eval_set), size):
         images.append(generate_images(
             pipe, eval_set.prompts[start:start + size], latents[start:start + size],
-            num_steps=eval_num_steps(cfg), guidance_scale=cfg.sample.guidance_scale,
+            num_steps=steps, guidance_scale=cfg.sample.guidance_scale,
             compute_dtype=compute_dtype(cfg.model.mixed_precision),
+            eta=cfg.eval.eta, step_noise=None if noise is None else noise[start:start + size],
         ))
     return torch.cat(images).numpy()
 
