@@ -59,7 +59,7 @@ def format_summary(history: Sequence[Mapping[str, Any]], evals: Sequence[Mapping
         base, end = scored[0], scored[-1]
         gain = end["eval_reward_mean"] - base["eval_reward_mean"]
         groups = [key.removeprefix("eval_reward_").removesuffix("_gain") for key in end
-                  if key.startswith("eval_reward_") and key.endswith("_gain")]
+                  if key.startswith("eval_reward_") and key.endswith("_gain") and key != "eval_reward_gain"]
         by_group = ", ".join(f"{group} {end[f'eval_reward_{group}_gain']:+.2f}" for group in groups)
         lines.append(
             f"held-out reward v{base['policy_version']} {base['eval_reward_mean']:+.4f} -> "
