@@ -36,6 +36,7 @@ from ddpo_ray.prompts import get_prompts, prompt_groups, spread_pick
 from ddpo_ray.records.checkpoint import read_best_info, save_best
 from ddpo_ray.records.console import format_eval
 from ddpo_ray.records.run_dir import RunDirectory
+from ddpo_ray.training.learning_gain import in_spreads
 
 TRAIN_GROUP = "train"
 
@@ -200,11 +201,11 @@ class EvalTracker:
             return {}
         out = {}
         for name in self.scored:
-            spread = max(self.base.get(f"eval_{name}_std", float("nan")), 1e-12)
+            spread = self.base.get(f"eval_{name}_std")
             for part in ["", *(f"_{g}" for g in self.groups)]:
                 key = f"eval_{name}{part}_mean"
-                if key in self.base and metrics.get(key) is not None:
-                    out[f"eval_{name}{part}_gain"] = (float(metrics[key]) - self.base[key]) / spread
+                if spread is not None and key in self.base and metrics.get(key) is not None:
+                    out[f"eval_{name}{part}_gain"] = in_spreads(float(metrics[key]), self.base[key], spread)
         return out
 
     def update(self, policy_version: int, metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 
+def in_spreads(value: float, base: float, spread: float) -> float:
+    """(value - base) in units of the base's spread (a zero spread counts as tiny, not as zero)."""
+    return (value - base) / max(spread, 1e-12)
+
+
 @dataclass(frozen=True)
 class LearningGain:
     """One run's held-out record for one eval key (default: the training reward on eval images)."""
@@ -62,8 +67,8 @@ class LearningGain:
         return self.versions[self.values.index(self.best)]
 
     def in_spreads(self, value: float) -> float:
-        """(value - base) in units of the base spread (inf-safe: a zero spread counts as tiny)."""
-        return (value - self.base) / max(self.base_std, 1e-12)
+        """(value - base) in units of the base spread."""
+        return in_spreads(value, self.base, self.base_std)
 
     @property
     def gain_final(self) -> float:
