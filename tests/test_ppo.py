@@ -126,3 +126,85 @@ def test_cosine_learning_rate_falls_from_the_rate_to_its_final_fraction():
     assert {scheduled_learning_rate(constant, epoch, 11) for epoch in range(11)} == {1e-2}
     with pytest.raises(ConfigError, match="lr_final_fraction"):
         build_config(overrides=["train.lr_final_fraction=2"])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_step_score_scale_is_the_slope_of_the_step_mean_over_its_std(prediction_type):
+    from diffusers import DDIMScheduler
+
+    from ddpo_ray.maths.diffusion import ddim_step_mean, step_score_scale
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)  # as SD: every step has a std > 0
+    scheduler.set_timesteps(5)
+    timesteps = scheduler.timesteps
+    # The slope by autograd at a random point (the mean is affine in the model output).
+    output = torch.randn(len(timesteps), 1, 1, 1, requires_grad=True)
+    sample = torch.randn(len(timesteps), 1, 1, 1)
+    mean, std = ddim_step_mean(scheduler, output, timesteps, sample, eta=1.0)
+    (slope,) = torch.autograd.grad(mean.sum(), output)
+    expected = (slope.abs() / std).flatten()
+    assert torch.allclose(step_score_scale(scheduler, timesteps, eta=1.0), expected, rtol=1e-3)
+    with pytest.raises(ValueError, match="eta=0"):
+        step_score_scale(scheduler, timesteps, eta=0.0)
+    with pytest.raises(ValueError, match=r"timesteps \[0\] have a deterministic step"):
+        step_score_scale(scheduler, torch.tensor([0]), eta=1.0)
+
+
+def test_score_scale_weights_average_one_over_the_schedule_and_shrink_low_noise_steps():
+    from diffusers import DDIMScheduler
+
+    from ddpo_ray.maths.diffusion import step_score_scale
+    from ddpo_ray.maths.ppo import step_weights
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler.set_timesteps(5)
+    uniform = build_config(overrides=[]).train
+    assert step_weights(scheduler, scheduler.timesteps, uniform, eta=1.0) is None
+    train = build_config(overrides=["train.step_weighting=score_scale"]).train
+    weights = step_weights(scheduler, scheduler.timesteps, train, eta=1.0)
+    assert float(weights.mean()) == pytest.approx(1.0)
+    scales = step_score_scale(scheduler, scheduler.timesteps, eta=1.0)
+    assert int(weights.argmin()) == int(scales.argmax())  # the largest score gets the smallest weight
+    # Weighted, every step's score has the same size: weight x scale is one constant.
+    assert torch.allclose(weights * scales, (weights * scales)[0].expand(5), rtol=1e-4)
+    with pytest.raises(ConfigError, match="step_weighting"):
+        build_config(overrides=["train.step_weighting=snr"])
+
+
+def test_ppo_loss_weights_scale_each_samples_term():
+    log_probs = torch.tensor([0.1, -0.2, 0.0])
+    old = torch.zeros(3)
+    advantages = torch.tensor([1.0, -2.0, 0.5])
+    weights = torch.tensor([2.0, 0.5, 1.0])
+    plain, _ = ppo_loss(log_probs, old, advantages, clip_range=10.0, adv_clip_max=5.0)
+    weighted, _ = ppo_loss(log_probs, old, advantages, clip_range=10.0, adv_clip_max=5.0, weights=weights)
+    terms = -advantages * torch.exp(log_probs)
+    assert plain.item() == pytest.approx(terms.mean().item())
+    assert weighted.item() == pytest.approx((weights * terms).mean().item())
+    with pytest.raises(ValueError, match="weights has shape"):
+        ppo_loss(log_probs, old, advantages, clip_range=10.0, adv_clip_max=5.0, weights=torch.ones(2))
+
+
+def test_train_epoch_with_score_scale_weights_keeps_ratio_one_before_the_update(tiny_pipe):
+    params = add_lora(tiny_pipe.unet, rank=4)
+    randomize_lora(tiny_pipe.unet)
+    traj = sample_trajectories(
+        tiny_pipe, ["a cat", "a dog"], num_steps=3, guidance_scale=1.0, eta=1.0, resolution=64,
+        generator=torch.Generator().manual_seed(0),
+    )
+    grads = {}
+    for weighting in ("uniform", "score_scale"):
+        train = build_config(overrides=[f"train.step_weighting={weighting}", "train.batch_size=2",
+                                        "train.learning_rate=1e-9"]).train
+        optimizer = make_optimizer(params, train)
+        captured = []
+        optimizer.step = lambda *a, **k: captured.append(torch.cat([p.grad.flatten().clone() for p in params]))
+        metrics = train_epoch(
+            tiny_pipe.unet, tiny_pipe.scheduler, optimizer, params, traj, torch.tensor([1.0, -1.0]),
+            train, guidance_scale=1.0, eta=1.0, generator=torch.Generator().manual_seed(0),
+        )
+        assert metrics["ratio_dev_before_update"] < 1e-5
+        grads[weighting] = captured[0]
+    # Same samples, same shuffle: the weighting alone changes the gradient.
+    assert not torch.allclose(grads["uniform"], grads["score_scale"])

@@ -85,6 +85,13 @@ class TrainConfig(_Section):
         "lr_final_fraction x learning_rate (the last epoch), so the last updates are small",
     )
     lr_final_fraction: float = Field(0.1, ge=0.0, le=1.0, description="cosine: the last epoch's share of learning_rate")
+    step_weighting: Literal["uniform", "score_scale"] = Field(
+        "uniform",
+        description="uniform: every denoising step's loss counts alike (DDPO); score_scale: each "
+        "step's loss is divided by the scale of its log-prob gradient (|d mean / d model output| "
+        "/ std, from the schedule), so low-noise steps, whose 1/std-sized scores are mostly noise, "
+        "do not drown out the rest",
+    )
 
 
 class AdvantageConfig(_Section):

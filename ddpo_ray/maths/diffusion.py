@@ -89,6 +89,29 @@ def ddim_step_mean(
     return mean, std
 
 
+def step_score_scale(scheduler: DDIMScheduler, timesteps: torch.Tensor, eta: float) -> torch.Tensor:
+    """|d mean / d model output| / std of the DDIM step at each of `timesteps` (B,): how large a
+    step's log-prob gradient is per unit of change in the UNet's output.
+
+    log N(x; mean, std^2) has gradient (x - mean) / std^2 * d mean, i.e. (noise / std) times
+    d mean, so low-noise steps (small std) give scores many times larger than high-noise ones.
+    The mean is affine in the model output, so the slope is read off two evaluations at a
+    small output (small enough that clip_sample never clips). Depends only on the schedule.
+    """
+    if eta <= 0:
+        raise ValueError(f"eta={eta}: the step score scale needs a stochastic step (eta > 0)")
+    timesteps = torch.as_tensor(timesteps)
+    zeros = torch.zeros(timesteps.shape[0], 1, 1, 1)
+    delta = 1e-3
+    mean_0, std = ddim_step_mean(scheduler, zeros, timesteps.cpu(), zeros, eta)
+    mean_d, _ = ddim_step_mean(scheduler, zeros + delta, timesteps.cpu(), zeros, eta)
+    slope = ((mean_d - mean_0) / delta).abs()
+    if bool((std == 0).any()):
+        raise ValueError(f"timesteps {timesteps[std.flatten() == 0].tolist()} have a deterministic step (std 0): "
+                         "no log-prob to weight; schedule them with a std > 0 (e.g. steps_offset=1)")
+    return (slope / std).flatten().to(timesteps.device)
+
+
 def ddim_step_with_logprob(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,

@@ -26,7 +26,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from ddpo_ray.config import TrainConfig
-from ddpo_ray.maths.diffusion import Trajectories, gaussian_log_prob, policy_step_mean
+from ddpo_ray.maths.diffusion import Trajectories, gaussian_log_prob, policy_step_mean, step_score_scale
 from ddpo_ray.models.lora import reference_policy
 
 
@@ -36,9 +36,11 @@ def ppo_loss(
     advantages: torch.Tensor,
     clip_range: float,
     adv_clip_max: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """mean(max(-A r, -A clip(r, 1-eps, 1+eps))) with A clipped to +-adv_clip_max.
+    """mean(w max(-A r, -A clip(r, 1-eps, 1+eps))) with A clipped to +-adv_clip_max.
 
+    `weights` (B,) scales each sample's term (`step_weights`); None: all 1.
     Returns the loss and detached statistics: approx_kl = 0.5 mean((logp - old)^2),
     clipfrac = fraction of |r - 1| > clip_range, and the ratio's mean and max deviation from 1.
     """
@@ -46,8 +48,16 @@ def ppo_loss(
     ratio = torch.exp(log_probs - old_log_probs)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    loss = _weighted_mean(torch.maximum(unclipped, clipped), weights)
     return loss, _step_stats(loss, log_probs, old_log_probs, clip_range)
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return values.mean()
+    if weights.shape != values.shape:
+        raise ValueError(f"weights has shape {tuple(weights.shape)}; expected {tuple(values.shape)}")
+    return (weights.to(values) * values).mean()
 
 
 def _step_stats(
@@ -74,13 +84,14 @@ def score_function_loss(
     old_log_probs: torch.Tensor,
     advantages: torch.Tensor,
     adv_clip_max: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DDPO-SF: mean(-A log p) with A clipped to +-adv_clip_max; the same statistics as ppo_loss.
+    """DDPO-SF: mean(-w A log p) with A clipped to +-adv_clip_max; the same statistics as ppo_loss.
 
     `old_log_probs` only feeds the statistics (approx_kl, ratio): the gradient has no ratio.
     """
     advantages = advantages.clamp(-adv_clip_max, adv_clip_max)
-    loss = (-advantages * log_probs).mean()
+    loss = _weighted_mean(-advantages * log_probs, weights)
     return loss, _step_stats(loss, log_probs, old_log_probs, clip_range=None)
 
 
@@ -92,6 +103,22 @@ def step_kl(mean: torch.Tensor, reference_mean: torch.Tensor, std: torch.Tensor)
     """
     kl = (mean - reference_mean) ** 2 / (2 * std**2)
     return kl.mean(dim=tuple(range(1, kl.ndim)))
+
+
+def step_weights(scheduler: DDIMScheduler, timesteps: torch.Tensor, train: TrainConfig, eta: float) -> torch.Tensor | None:
+    """Per-sample loss weights for one column of training steps (`train.step_weighting`).
+
+    score_scale: 1 / step_score_scale, normalised so the schedule's steps average 1 (the
+    learning rate keeps its meaning). Every step's policy-gradient term then has the size of
+    (noise x d model output), whatever its std. A positive reweighting of the per-step terms:
+    each term still points uphill for its own step, while the low-noise steps no longer
+    dominate the sum with their 1/std-sized, mostly-noise scores. uniform: None (DDPO).
+    """
+    if train.step_weighting == "uniform":
+        return None
+    inverse = 1.0 / step_score_scale(scheduler, timesteps, eta)
+    schedule = 1.0 / step_score_scale(scheduler, scheduler.timesteps, eta)
+    return inverse / schedule.mean().to(inverse)
 
 
 def make_optimizer(params: Sequence[torch.nn.Parameter], train: TrainConfig) -> torch.optim.AdamW:
@@ -212,10 +239,11 @@ def train_epoch(
             mean, std = policy_step_mean(unet, scheduler, *step_inputs, **step_options)
             log_prob = gaussian_log_prob(shuffled.next_latents[rows, j], mean, std)
             old_log_prob = shuffled.log_probs[rows, j]
+            weights = step_weights(scheduler, shuffled.timesteps[rows, j], train, eta)
             if train.algorithm == "ddpo_sf":
-                loss, stats = score_function_loss(log_prob, old_log_prob, mb_adv, train.adv_clip_max)
+                loss, stats = score_function_loss(log_prob, old_log_prob, mb_adv, train.adv_clip_max, weights)
             else:
-                loss, stats = ppo_loss(log_prob, old_log_prob, mb_adv, train.clip_range, train.adv_clip_max)
+                loss, stats = ppo_loss(log_prob, old_log_prob, mb_adv, train.clip_range, train.adv_clip_max, weights)
             if train.kl_coef > 0:
                 kl = step_kl(mean, reference_mean, std).mean()
                 loss = loss + train.kl_coef * kl
