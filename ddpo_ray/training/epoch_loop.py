@@ -40,9 +40,11 @@ from ddpo_ray.maths.advantages import AdvantageEstimator
 from ddpo_ray.maths.staleness import epochs_awaiting_training, sampling_version
 from ddpo_ray.maths.stats import summary
 from ddpo_ray.prompts import PromptSampler, get_prompts
-from ddpo_ray.records.checkpoint import load_run_state, resolve_resume_path, save_run_state
+from ddpo_ray.records.checkpoint import MODEL_CARD, load_run_state, resolve_resume_path, save_run_state
 from ddpo_ray.records.console import format_eval, format_progress
+from ddpo_ray.records.files import atomic_write
 from ddpo_ray.records.metrics import EpochMetrics
+from ddpo_ray.records.model_card import run_model_card
 from ddpo_ray.records.run_dir import RunDirectory
 from ddpo_ray.training.evaluation import EvalRecorder
 
@@ -242,6 +244,10 @@ class EpochLoop:
         directory = self.run_dir.checkpoint_path(epoch)
         self.backend.learner_checkpoint(epoch, directory, final)  # the learner's half
         save_run_state(directory, epoch, epoch + 1, tracker_state)  # the loop's half
+        if self.cfg.model.use_lora:  # the LoRA's model card, evaluation included when there was one
+            card = run_model_card(self.cfg, self.run_dir, label=directory.name, policy_version=epoch + 1,
+                                  weights_location=directory)
+            atomic_write(directory / MODEL_CARD, card.encode("utf-8"))
         self.run_dir.mark_checkpoint_complete(epoch)
         self.last_checkpoint = epoch
 
