@@ -17,6 +17,7 @@ from typing import Sequence
 
 from ddpo_ray.config import ConfigError, add_config_arguments, config_from_args
 from ddpo_ray.infra.logs import setup_console_logging
+from ddpo_ray.records.trackers import TrackerNotInstalledError, check_trackers_installed
 
 log = logging.getLogger("ddpo_ray.local")
 
@@ -34,6 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
     except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        check_trackers_installed(cfg.trackers)  # before anything starts
+    except TrackerNotInstalledError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

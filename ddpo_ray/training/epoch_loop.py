@@ -8,6 +8,7 @@
         at most `staleness` epochs wait for training: finish the older ones
     finishing an epoch: its training metrics (backend), then the metrics row, the held-out
     evaluation, metrics.jsonl, the sample grid, the reward curve, Prometheus, the checkpoint
+    (rows and grids also go to the config's `trackers`, TensorBoard / W&B)
 
 `EpochLoop` owns everything a run promises about its records: resume, the metrics row,
 evaluation (best version and guard), writing, checkpoint policy and stop handling. How to
@@ -46,6 +47,7 @@ from ddpo_ray.records.files import atomic_write
 from ddpo_ray.records.metrics import EpochMetrics
 from ddpo_ray.records.model_card import run_model_card
 from ddpo_ray.records.run_dir import RunDirectory
+from ddpo_ray.records.trackers import open_trackers
 from ddpo_ray.training.evaluation import EvalRecorder
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,8 @@ class EpochLoop:
 
         self.evals = EvalRecorder(cfg, run_dir, self.exported, first_version)
         pending: deque[_Pending] = deque()
+        # Every row and grid written from here on also goes to the config's trackers.
+        run_dir.trackers = open_trackers(cfg.trackers, run_dir.root, cfg.to_dict(), first_epoch)
         try:
             self.backend.start(run_dir, first_epoch, resume_path)
             if self._rng_state is not None:  # after the backend built its models (which may seed)
@@ -190,6 +194,8 @@ class EpochLoop:
             self.backend.finish()
         finally:
             self.backend.close()
+            run_dir.trackers.close()
+            run_dir.trackers = None
         return self.history
 
     def _resume(self) -> tuple[int, int, Path | None]:
