@@ -80,8 +80,9 @@ def export_lora(source: Path, out: Path) -> Path:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ddpo_ray.export", description=__doc__,
+def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.export") -> int:
+    """The command line of `export`; `prog` is how it was called (`ddpo-ray export` from ddpo_ray.cli)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="a run directory (exports its best, else its newest "
                         "checkpoint) or a checkpoint in one (checkpoints/best, checkpoints/epoch_NNNN)")

@@ -22,8 +22,9 @@ from ddpo_ray.records.trackers import TrackerNotInstalledError, check_trackers_i
 log = logging.getLogger("ddpo_ray.local")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ddpo_ray.local", description=__doc__,
+def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.local") -> int:
+    """The command line of `local`; `prog` is how it was called (`ddpo-ray local` from ddpo_ray.cli)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--device", default=None, help="cuda when available, else cpu")

@@ -25,9 +25,10 @@ from ddpo_ray.records.trackers import TrackerNotInstalledError, check_trackers_i
 log = logging.getLogger("ddpo_ray.run")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.run") -> int:
+    """The command line of `run`; `prog` is how it was called (`ddpo-ray run` from ddpo_ray.cli)."""
     parser = argparse.ArgumentParser(
-        prog="python -m ddpo_ray.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_config_arguments(parser)
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
