@@ -1,8 +1,8 @@
 """`python -m ddpo_ray.export`: a Hub-ready folder of a run's LoRA (weights, model card, config).
 
-    python -m ddpo_ray.export outputs/my-run --out my-lora                  # checkpoints/best, else the newest
+    python -m ddpo_ray.export outputs/my-run --out my-lora --repo-id me/my-lora   # best, else the newest
     python -m ddpo_ray.export outputs/my-run/checkpoints/epoch_0004 --out my-lora
-    huggingface-cli upload <user>/<repo> my-lora                           # pushing stays yours
+    huggingface-cli upload me/my-lora my-lora                                     # pushing stays yours
 
 The folder holds pytorch_lora_weights.safetensors (diffusers' format: `load_lora_weights`
 loads it), README.md (the model card: base model, tags, training config, held-out results,
@@ -57,8 +57,11 @@ def resolve_source(source: Path) -> tuple[RunDirectory, Path, str, int]:
     return run_dir, source, source.name, epoch + 1
 
 
-def export_lora(source: Path, out: Path) -> Path:
-    """Write the Hub-ready folder `out` for `source` (see the module docstring); returns `out`."""
+def export_lora(source: Path, out: Path, repo_id: str | None = None) -> Path:
+    """Write the Hub-ready folder `out` for `source` (see the module docstring); returns `out`.
+
+    repo_id: the Hub repository it will be pushed to, for the card's usage snippet.
+    """
     from ddpo_ray.models.lora import save_lora_weights
     from ddpo_ray.records.model_card import run_model_card
 
@@ -74,7 +77,7 @@ def export_lora(source: Path, out: Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"--out {out}: exists and is not empty; give a new or empty directory")
     save_lora_weights(weights, out)
-    card = run_model_card(cfg, run_dir, label=label, policy_version=version, weights_location=out)
+    card = run_model_card(cfg, run_dir, label=label, policy_version=version, weights_location=repo_id or out)
     atomic_write(out / MODEL_CARD, card.encode("utf-8"))
     shutil.copyfile(run_dir.config_path, out / EXPORTED_CONFIG)
     return out
@@ -87,14 +90,16 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.expo
     parser.add_argument("source", type=Path, help="a run directory (exports its best, else its newest "
                         "checkpoint) or a checkpoint in one (checkpoints/best, checkpoints/epoch_NNNN)")
     parser.add_argument("--out", type=Path, required=True, help="the folder to write (new or empty)")
+    parser.add_argument("--repo-id", help="the Hub repository (user/name) it will be uploaded to, for the "
+                        "card's usage snippet (default: the folder's path)")
     args = parser.parse_args(argv)
     try:
-        out = export_lora(args.source, args.out)
+        out = export_lora(args.source, args.out, args.repo_id)
     except (ExportError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {out}: pytorch_lora_weights.safetensors, {MODEL_CARD}, {EXPORTED_CONFIG}")
-    print(f"upload it with: huggingface-cli upload <user>/<repo> {out}")
+    print(f"upload it with: huggingface-cli upload {args.repo_id or '<user>/<repo>'} {out}")
     return 0
 
 

@@ -130,13 +130,16 @@ def test_saved_loras_carry_a_model_card_and_export_writes_a_hub_folder(run, tmp_
         if version is not None:
             row = [json.loads(r) for r in (root / "eval.jsonl").read_text().splitlines()][version]
             metric = front["model-index"][0]["results"][0]["metrics"][0]
-            assert metric["type"] == "reward" and metric["value"] == row["eval_reward_mean"], name
+            assert metric["type"] == "jpeg_compressibility", name  # the one training reward
+            assert metric["value"] == row["eval_jpeg_compressibility_mean"] == row["eval_reward_mean"], name
             assert f"{row['eval_reward_mean']:.4f}" in text
 
     out = tmp_path / "hub"
-    assert export_main([str(root), "--out", str(out)]) == 0  # a run: its best
+    assert export_main([str(root), "--out", str(out), "--repo-id", "me/tiny-ddpo"]) == 0  # a run: its best
     assert sorted(p.name for p in out.iterdir()) == sorted([LORA_WEIGHTS_FILE, MODEL_CARD, EXPORTED_CONFIG])
-    assert read_front_matter((out / MODEL_CARD).read_text())["library_name"] == "diffusers"
+    card = (out / MODEL_CARD).read_text()
+    assert read_front_matter(card)["library_name"] == "diffusers"
+    assert 'pipe.load_lora_weights("me/tiny-ddpo")' in card and str(tmp_path) not in card
     assert yaml.safe_load((out / EXPORTED_CONFIG).read_text())["run_name"] == "r"
     exported, _ = evaluated(cfg, diffusers_pipeline(cfg, out))
     best, _ = evaluated(cfg, diffusers_pipeline(cfg, root / "checkpoints" / "best"))

@@ -112,8 +112,10 @@ def _training_table(cfg: DDPOConfig, policy_version: int) -> list[str]:
 
 
 def _scored(cfg: DDPOConfig) -> list[str]:
-    """The rewards evaluation scores: the training reward (weighted), then each one on its own."""
-    return ["reward", *cfg.eval_reward_names()]
+    """The rewards evaluation scores: the weighted training reward (when it is a sum of several),
+    then each one on its own (as `python -m ddpo_ray.evaluate` tabulates them)."""
+    single = len(cfg.reward.components()) == 1  # then "reward" is that one component
+    return cfg.eval_reward_names() if single else ["reward", *cfg.eval_reward_names()]
 
 
 def _results(
@@ -125,8 +127,9 @@ def _results(
     lines = [
         f"One image per eval prompt ({cfg.eval.prompts_per_group} per group of `{cfg.prompts.eval_name}`"
         + (f" plus {cfg.eval.prompts_per_group} training prompts" if cfg.eval.include_train_prompts else "")
-        + f"), fixed initial noise, DDIM eta {cfg.eval.eta:g}; mean +- std. `reward` is the training "
-        "reward as weighted in training; gain is in units of the base model's spread.",
+        + f"), fixed initial noise, DDIM eta {cfg.eval.eta:g}; mean +- std; gain is in units of the "
+        "base model's spread." + (" `reward` is the training reward, weighted as in training."
+                                  if len(cfg.reward.components()) > 1 else ""),
         "",
         "| reward | this model | base model | gain |",
         "|---|---|---|---|",
