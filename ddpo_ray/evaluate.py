@@ -26,8 +26,9 @@ from ddpo_ray.infra.logs import setup_console_logging
 from ddpo_ray.training.checkpoint_eval import evaluate_models, format_table, models_of_run, write_side_by_side
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ddpo_ray.evaluate", description=__doc__,
+def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.evaluate") -> int:
+    """The command line of `evaluate`; `prog` is how it was called (`ddpo-ray evaluate` from ddpo_ray.cli)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--run", type=Path, help="a run directory: its config, best and newest checkpoint")

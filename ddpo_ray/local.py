@@ -17,12 +17,14 @@ from typing import Sequence
 
 from ddpo_ray.config import ConfigError, add_config_arguments, config_from_args
 from ddpo_ray.infra.logs import setup_console_logging
+from ddpo_ray.records.trackers import TrackerNotInstalledError, check_trackers_installed
 
 log = logging.getLogger("ddpo_ray.local")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ddpo_ray.local", description=__doc__,
+def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.local") -> int:
+    """The command line of `local`; `prog` is how it was called (`ddpo-ray local` from ddpo_ray.cli)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     parser.add_argument("--device", default=None, help="cuda when available, else cpu")
@@ -34,6 +36,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
     except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        check_trackers_installed(cfg.trackers)  # before anything starts
+    except TrackerNotInstalledError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

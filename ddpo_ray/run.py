@@ -20,13 +20,15 @@ from typing import Sequence
 
 from ddpo_ray.config import ConfigError, add_config_arguments, config_from_args
 from ddpo_ray.infra.logs import setup_console_logging
+from ddpo_ray.records.trackers import TrackerNotInstalledError, check_trackers_installed
 
 log = logging.getLogger("ddpo_ray.run")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.run") -> int:
+    """The command line of `run`; `prog` is how it was called (`ddpo-ray run` from ddpo_ray.cli)."""
     parser = argparse.ArgumentParser(
-        prog="python -m ddpo_ray.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_config_arguments(parser)
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else start a local cluster)")
@@ -40,6 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = config_from_args(args)
     except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        check_trackers_installed(cfg.trackers)  # before anything starts
+    except TrackerNotInstalledError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if cfg.run_name is None:

@@ -276,9 +276,32 @@ OPENAPI_ERROR_RESPONSES = {
 }
 
 
+class PrefixWithoutSlash:
+    """ASGI middleware: the documented `POST /<reward>` reaches the app's `/` route itself.
+
+    Serve mounts each application at its route prefix and hands `/<reward>` (no trailing slash)
+    to the app as the prefix itself, i.e. the empty path below it. Starlette would answer that
+    with a 307 to `/<reward>/`, which curl without -L, urllib and most clients do not follow;
+    here it is served as `/` instead (both URL forms answer; nothing else changes).
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] == "http":
+            root = scope.get("root_path", "")
+            if scope.get("path", "") in ("", root):
+                path = root + "/"
+                scope = {**scope, "path": path, "raw_path": path.encode("latin-1")}
+        await self.app(scope, receive, send)
+
+
 def make_reward_api(reward_name: str, description: str) -> FastAPI:
     """A FastAPI app for one reward; the deployment class adds `POST /` with `reward_route`."""
-    return FastAPI(title=f"ddpo-ray reward: {reward_name}", description=description, version="1")
+    api = FastAPI(title=f"ddpo-ray reward: {reward_name}", description=description, version="1")
+    api.add_middleware(PrefixWithoutSlash)
+    return api
 
 
 def reward_route(api: FastAPI):

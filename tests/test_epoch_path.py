@@ -2,7 +2,8 @@
 
 Both loops are backends of `ddpo_ray.training.epoch_loop.EpochLoop`; this runs both on one
 config (real Ray, real Serve rewards, the tiny model) and compares every record they write:
-metrics rows, evaluations, the best version, checkpoints (a guard stop included) and files.
+metrics rows, evaluations, the best version, checkpoints (a guard stop included), files and
+what goes to the trackers (TensorBoard event files, read back).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def both_runs(yaml_apps, tmp_path_factory):
     overrides = [
         *SMALL, "num_epochs=4", "save_freq=2", "train.learning_rate=1e-2", "train.clip_range=1e-2",
         "eval.every=1", "eval.prompts_per_group=2", "eval.guard_reward=jpeg_incompressibility",
-        "eval.guard_margin=0.0", f"output_dir={out}",
+        "eval.guard_margin=0.0", "trackers=[tensorboard]", f"output_dir={out}",
     ]
     ray_history = run_distributed(build_config(overrides=[*overrides, "run_name=ray"]))
     # Ray's sampler and learner run one torch thread each; so does the reference here, else
@@ -129,10 +130,31 @@ def test_both_loops_write_the_same_files(both_runs):
     (ray_root, _), (local_root, _) = both_runs["ray"], both_runs["local"]
 
     def files(root: Path) -> set[str]:
-        skip = ("checkpoints/", "ray_train/")
+        skip = ("checkpoints/", "ray_train/", "tensorboard/")  # event file names carry a time and a pid
         return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not str(p.relative_to(root)).startswith(skip)}
 
     assert files(ray_root) == files(local_root)
     assert {"config.yaml", "metrics.jsonl", "eval.jsonl", "reward_curve.png", "run.log"} <= files(local_root)
     ray_config, local_config = (yaml.safe_load((root / "config.yaml").read_text()) for root in (ray_root, local_root))
     assert {**ray_config, "run_name": None} == {**local_config, "run_name": None}
+
+
+def test_both_loops_send_the_same_rows_and_grids_to_the_trackers(both_runs):
+    """The trackers hang off the one epoch path: the Ray driver logs what the local loop logs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = {}
+    for name, (root, _) in both_runs.items():
+        events = EventAccumulator(str(root / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+        events.Reload()
+        logged[name] = events
+        metrics = rows(root / "metrics.jsonl")
+        got = [(e.step, e.value) for e in events.Scalars("reward_mean")]
+        assert got == [(r["epoch"], pytest.approx(r["reward_mean"], rel=1e-6)) for r in metrics], name
+        assert [e.step for e in events.Images("samples")] == [r["epoch"] for r in metrics], name
+    ray_tags, local_tags = logged["ray"].Tags(), logged["local"].Tags()
+    assert set(ray_tags["scalars"]) - RAY_ONLY == set(local_tags["scalars"])
+    assert set(ray_tags["images"]) == set(local_tags["images"]) == {"samples", "eval", "eval_base"}
+    for name, (root, _) in both_runs.items():  # and every saved LoRA has its model card
+        for checkpoint in (root / "checkpoints").iterdir():
+            assert (checkpoint / "README.md").read_text().startswith("---\n"), (name, checkpoint.name)

@@ -10,6 +10,8 @@ import base64
 import io
 import json
 import struct
+import urllib.error
+import urllib.request
 import zlib
 
 import numpy as np
@@ -18,6 +20,7 @@ import requests
 from PIL import Image
 
 from ddpo_ray.infra.reward_names import REWARD_NAMES
+from ddpo_ray.prompts import get_prompts
 from reward_services.http_api import (
     RequestLimits,
     RewardInputError,
@@ -275,3 +278,37 @@ def test_openapi_schema_and_docs_are_served(reward_apps):
         assert request_schema["required"] == ["images", "prompts"]
         assert {"200", "400", "413"} <= set(post["responses"])
         assert requests.get(f"{reward_apps.http_url}/{app}/docs", timeout=30).status_code == 200
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib without redirect following (as curl without -L): a 3xx is an HTTPError."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def post_without_redirects(url: str, data: bytes) -> tuple[int, dict]:
+    """(status, JSON body) of a POST that no redirect is followed for."""
+    opener = urllib.request.build_opener(_NoRedirects)
+    request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
+    try:
+        with opener.open(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:  # 3xx (not followed) and 4xx/5xx
+        raw = exc.read()
+        return exc.code, json.loads(raw) if raw else {}
+
+
+@pytest.mark.ray
+def test_documented_url_answers_without_redirect(reward_apps):
+    """POST /<reward> (no trailing slash, the documented URL) answers 200 itself, as does
+    POST /<reward>/; bad input on it answers 400 rather than a 307 to the slashed URL."""
+    prompt = get_prompts("tiny_shapes")[0]  # the gold rewards read tiny-world prompts
+    good = json.dumps({"images": [encode_image(IMAGE)], "prompts": [prompt]}).encode()
+    for app in REWARD_NAMES:
+        for url in (f"{reward_apps.http_url}/{app}", f"{reward_apps.http_url}/{app}/"):
+            status, answer = post_without_redirects(url, good)
+            assert status == 200, (url, status, answer)
+            assert len(answer["rewards"]) == 1, (url, answer)
+    status, answer = post_without_redirects(f"{reward_apps.http_url}/jpeg_compressibility", b"images=1")
+    assert status == 400 and "not valid JSON" in answer["error"]

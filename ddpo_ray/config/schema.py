@@ -18,6 +18,12 @@ from ddpo_ray.infra.prompt_names import PROMPT_SET_NAMES, TINY_WORLD_PROMPT_SETS
 from ddpo_ray.infra.reward_names import REWARD_NAMES
 
 
+# Experiment trackers `trackers` may name, each the pip extra that installs it
+# (ddpo_ray.records.trackers). MLflow is left out: its client pulls ~30 packages (pyarrow,
+# SQLAlchemy, Flask, ...), too heavy for an optional logger.
+TRACKER_EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names every bad field."""
 
@@ -213,6 +219,11 @@ class DDPOConfig(_Section):
     save_freq: int = Field(1, ge=0, description="checkpoint every N epochs (0: only at the end)")
     resume_from: str | None = Field(None, description='a checkpoint dir, a run dir, or "latest"')
     metrics: bool = Field(True, description="export the ddpo_* Prometheus metrics (see ddpo_ray.records.metrics)")
+    trackers: list[str] = Field(
+        default_factory=list,
+        description='experiment trackers that also get the epoch scalars and grids: "tensorboard" '
+        '(event files in <run>/tensorboard), "wandb" (W&B; offline without an API key)',
+    )
     model: ModelConfig = ModelConfig()
     sample: SampleConfig = SampleConfig()
     train: TrainConfig = TrainConfig()
@@ -248,6 +259,15 @@ class DDPOConfig(_Section):
     def num_train_timesteps(self) -> int:
         """Denoising steps trained per sample (the first int(num_steps * fraction) of a shuffle)."""
         return int(self.sample.num_steps * self.train.timestep_fraction)
+
+    @model_validator(mode="after")
+    def _known_trackers(self) -> "DDPOConfig":
+        unknown = [name for name in self.trackers if name not in TRACKER_EXTRAS]
+        if unknown:
+            raise ValueError(f"trackers: unknown {unknown}; expected any of {list(TRACKER_EXTRAS)}")
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"trackers: {self.trackers} names a tracker twice")
+        return self
 
     @model_validator(mode="after")
     def _gold_reads_tiny_prompts(self) -> "DDPOConfig":

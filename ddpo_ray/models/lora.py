@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -19,6 +19,8 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 # The projections DDPO's LoRA trains: attention queries, keys, values and outputs.
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+# diffusers' file name for LoRA weights (`LORA_WEIGHT_NAME_SAFE`): what `load_lora_weights(dir)` reads.
+LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 
 
 def add_lora(unet: UNet2DConditionModel, rank: int, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -67,14 +69,45 @@ def load_lora_state_dict(unet: UNet2DConditionModel, state_dict: dict[str, torch
 
 
 def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
-    """Write the LoRA in diffusers' format: `pipe.load_lora_weights(directory)` loads it."""
+    """Write the UNet's LoRA in diffusers' format: `pipe.load_lora_weights(directory)` loads it."""
+    return save_lora_weights(get_peft_model_state_dict(unet), directory)
+
+
+def save_lora_weights(
+    peft_state_dict: Mapping[str, torch.Tensor],
+    directory: str | Path,
+    save_function: Callable[[dict[str, torch.Tensor], str], None] | None = None,
+) -> Path:
+    """Write a LoRA state dict (PEFT keys, as `lora_state_dict` gives) in diffusers' format.
+
+    The one writer of LORA_WEIGHTS_FILE (`unet.`-prefixed keys), for epoch checkpoints and
+    checkpoints/best alike, so every LoRA a run saves loads with `pipe.load_lora_weights(dir)`.
+    `save_function(weights, filename)`: how the file is written (diffusers' default otherwise).
+    """
     from diffusers.utils import convert_state_dict_to_diffusers
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=layers, safe_serialization=True)
+    layers = convert_state_dict_to_diffusers({k: v.detach().to("cpu").contiguous() for k, v in peft_state_dict.items()})
+    StableDiffusionPipeline.save_lora_weights(
+        directory, unet_lora_layers=layers, safe_serialization=True, weight_name=LORA_WEIGHTS_FILE,
+        save_function=save_function,
+    )
     return directory
+
+
+def read_lora_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The PEFT-keyed LoRA state dict of a diffusers LoRA file (the inverse of `save_lora_weights`)."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors.torch import load_file
+
+    path = Path(directory) / LORA_WEIGHTS_FILE
+    raw = load_file(str(path))
+    prefix = f"{StableDiffusionPipeline.unet_name}."
+    foreign = [k for k in raw if not k.startswith(prefix)]
+    if foreign:
+        raise ValueError(f"{path}: expected only UNet LoRA keys (prefix {prefix!r}); found {foreign[:3]}")
+    return convert_unet_state_dict_to_peft({k[len(prefix):]: v for k, v in raw.items()})
 
 
 def count_parameters(params: Iterable[torch.nn.Parameter]) -> int:

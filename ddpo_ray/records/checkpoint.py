@@ -8,7 +8,10 @@ checkpoints/epoch_NNNN/
                                       (written by whoever runs the epoch loop)
     COMPLETE                          written last; a checkpoint without it is ignored
 checkpoints/best/
-    policy_weights.safetensors        the trainable weights of the best evaluated policy version
+    pytorch_lora_weights.safetensors  (use_lora) the best evaluated policy version, in the same
+                                      diffusers format: `pipe.load_lora_weights(dir)` loads it
+    policy_weights.safetensors        (full fine-tune) its trainable weights (UNet state dict)
+    README.md                         the model card (ddpo_ray.records.model_card), also in epoch dirs
     best.json                         which version, and its eval.best_metric value (written last)
 
 The two state files are separate because, in the distributed system, the learner (a Ray Train
@@ -26,7 +29,14 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ddpo_ray.maths.advantages import AdvantageEstimator
-from ddpo_ray.models.lora import load_trainable_state_dict, save_lora, trainable_state_dict
+from ddpo_ray.models.lora import (
+    LORA_WEIGHTS_FILE,
+    load_trainable_state_dict,
+    read_lora_weights,
+    save_lora,
+    save_lora_weights,
+    trainable_state_dict,
+)
 from ddpo_ray.records.files import atomic_write
 from ddpo_ray.records.run_dir import RunDirectory
 
@@ -34,6 +44,7 @@ LEARNER_STATE = "learner_state.pt"
 RUN_STATE = "run_state.pt"
 POLICY_WEIGHTS = "policy_weights.safetensors"
 BEST_INFO = "best.json"
+MODEL_CARD = "README.md"
 
 
 def save_learner_state(
@@ -140,17 +151,40 @@ def load_checkpoint(
     return load_run_state(path, advantages)
 
 
-def save_best(run_dir: RunDirectory, weights: Mapping[str, torch.Tensor], use_lora: bool, info: Mapping[str, Any]) -> Path:
-    """Replace checkpoints/best with `weights` (trainable state dict) and `info` (best.json).
+def _atomic_safetensors(weights: dict[str, torch.Tensor], filename: str) -> None:
+    """diffusers' safetensors writer (`{"format": "pt"}` metadata), replacing the file atomically."""
+    from safetensors.torch import save
 
-    The weights file is replaced atomically before best.json, so best.json never names weights
-    that are not there.
+    atomic_write(Path(filename), save(weights, metadata={"format": "pt"}))
+
+
+def save_best(
+    run_dir: RunDirectory,
+    weights: Mapping[str, torch.Tensor],
+    use_lora: bool,
+    info: Mapping[str, Any],
+    model_card: str | None = None,
+) -> Path:
+    """Replace checkpoints/best with `weights` (trainable state dict), the card and `info` (best.json).
+
+    A LoRA is written as the epoch checkpoints write it (diffusers' format), so
+    `pipe.load_lora_weights("checkpoints/best")` works. Every file is replaced atomically and
+    best.json goes last, so best.json never names weights that are not there.
     """
     from safetensors.torch import save
 
     directory = run_dir.best_dir
-    plain = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-    atomic_write(directory / POLICY_WEIGHTS, save(plain, metadata={"use_lora": str(bool(use_lora)).lower()}))
+    directory.mkdir(parents=True, exist_ok=True)
+    if use_lora:
+        save_lora_weights(weights, directory, save_function=_atomic_safetensors)
+        stale = directory / POLICY_WEIGHTS  # left by a full fine-tune or an older ddpo-ray
+    else:
+        plain = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+        atomic_write(directory / POLICY_WEIGHTS, save(plain, metadata={"use_lora": "false"}))
+        stale = directory / LORA_WEIGHTS_FILE
+    stale.unlink(missing_ok=True)
+    if model_card is not None:
+        atomic_write(directory / MODEL_CARD, model_card.encode("utf-8"))
     atomic_write(directory / BEST_INFO, (json.dumps(dict(info), indent=1) + "\n").encode("utf-8"))
     return directory
 
@@ -161,7 +195,8 @@ def read_best_info(run_dir: RunDirectory) -> dict[str, Any] | None:
 
 
 def load_policy_weights(path: str | Path) -> tuple[bool, dict[str, torch.Tensor]]:
-    """(use_lora, trainable weights) from a checkpoint directory or checkpoints/best."""
+    """(use_lora, trainable weights) from a checkpoint directory, checkpoints/best, or any
+    diffusers LoRA folder (an `export`ed one, one downloaded from the Hub)."""
     path = Path(path)
     if (path / POLICY_WEIGHTS).is_file():
         from safetensors import safe_open
@@ -173,7 +208,9 @@ def load_policy_weights(path: str | Path) -> tuple[bool, dict[str, torch.Tensor]
     if (path / LEARNER_STATE).is_file():
         state = read_learner_state(path)
         return bool(state["use_lora"]), state["weights"]
+    if (path / LORA_WEIGHTS_FILE).is_file():
+        return True, read_lora_weights(path)
     raise FileNotFoundError(
-        f"{path}: expected a checkpoint directory with {LEARNER_STATE} or {POLICY_WEIGHTS} "
-        "(checkpoints/epoch_NNNN or checkpoints/best of a run)"
+        f"{path}: expected a checkpoint directory with {LEARNER_STATE}, {LORA_WEIGHTS_FILE} or "
+        f"{POLICY_WEIGHTS} (checkpoints/epoch_NNNN or checkpoints/best of a run, or a diffusers LoRA folder)"
     )

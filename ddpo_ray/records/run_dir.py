@@ -55,6 +55,9 @@ class RunDirectory:
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        # The run's experiment trackers (ddpo_ray.records.trackers): they get every metrics row
+        # and grid written here. None until the epoch path attaches them (readers never do).
+        self.trackers: Any = None
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints_dir.mkdir(parents=True, exist_ok=True)
 
@@ -117,6 +120,8 @@ class RunDirectory:
     def append_metrics(self, metrics: Mapping[str, Any]) -> None:
         """Append one epoch's metrics as a JSON line, fsynced so a killed run keeps every finished epoch."""
         self._metrics_file.append(metrics)
+        if self.trackers:
+            self.trackers.log_metrics(metrics)
 
     def read_metrics(self) -> list[dict]:
         """All metric rows in file order; [] before the first epoch (a cut last line is skipped)."""
@@ -160,7 +165,10 @@ class RunDirectory:
         images: uint8 (N, H, W, 3), or a list of PIL images / uint8 (H, W, 3) arrays of one size.
         """
         path = self.samples_dir / f"epoch_{_check_epoch(epoch):04d}.png"
-        return write_image_grid(path, images, prompts, rewards, max_images)
+        write_image_grid(path, images, prompts, rewards, max_images)
+        if self.trackers:
+            self.trackers.log_sample_grid(epoch, path)
+        return path
 
     def save_eval_grid(
         self,
@@ -171,7 +179,10 @@ class RunDirectory:
     ) -> Path:
         """eval/version_NNNN.png: every eval image of `policy_version`, in eval-set order."""
         path = self.root / EVAL_DIR / f"version_{_check_epoch(policy_version):04d}.png"
-        return write_image_grid(path, images, prompts, rewards, max_images=len(prompts))
+        write_image_grid(path, images, prompts, rewards, max_images=len(prompts))
+        if self.trackers:
+            self.trackers.log_eval_grid(policy_version, path)
+        return path
 
     # --- reward curve (ddpo_ray.records.curves) ---------------------------------------
 

@@ -8,6 +8,7 @@
         at most `staleness` epochs wait for training: finish the older ones
     finishing an epoch: its training metrics (backend), then the metrics row, the held-out
     evaluation, metrics.jsonl, the sample grid, the reward curve, Prometheus, the checkpoint
+    (rows and grids also go to the config's `trackers`, TensorBoard / W&B)
 
 `EpochLoop` owns everything a run promises about its records: resume, the metrics row,
 evaluation (best version and guard), writing, checkpoint policy and stop handling. How to
@@ -40,10 +41,13 @@ from ddpo_ray.maths.advantages import AdvantageEstimator
 from ddpo_ray.maths.staleness import epochs_awaiting_training, sampling_version
 from ddpo_ray.maths.stats import summary
 from ddpo_ray.prompts import PromptSampler, get_prompts
-from ddpo_ray.records.checkpoint import load_run_state, resolve_resume_path, save_run_state
+from ddpo_ray.records.checkpoint import MODEL_CARD, load_run_state, resolve_resume_path, save_run_state
 from ddpo_ray.records.console import format_eval, format_progress
+from ddpo_ray.records.files import atomic_write
 from ddpo_ray.records.metrics import EpochMetrics
+from ddpo_ray.records.model_card import run_model_card
 from ddpo_ray.records.run_dir import RunDirectory
+from ddpo_ray.records.trackers import open_trackers
 from ddpo_ray.training.evaluation import EvalRecorder
 
 log = logging.getLogger(__name__)
@@ -160,6 +164,8 @@ class EpochLoop:
 
         self.evals = EvalRecorder(cfg, run_dir, self.exported, first_version)
         pending: deque[_Pending] = deque()
+        # Every row and grid written from here on also goes to the config's trackers.
+        run_dir.trackers = open_trackers(cfg.trackers, run_dir.root, cfg.to_dict(), first_epoch)
         try:
             self.backend.start(run_dir, first_epoch, resume_path)
             if self._rng_state is not None:  # after the backend built its models (which may seed)
@@ -188,6 +194,8 @@ class EpochLoop:
             self.backend.finish()
         finally:
             self.backend.close()
+            run_dir.trackers.close()
+            run_dir.trackers = None
         return self.history
 
     def _resume(self) -> tuple[int, int, Path | None]:
@@ -242,6 +250,10 @@ class EpochLoop:
         directory = self.run_dir.checkpoint_path(epoch)
         self.backend.learner_checkpoint(epoch, directory, final)  # the learner's half
         save_run_state(directory, epoch, epoch + 1, tracker_state)  # the loop's half
+        if self.cfg.model.use_lora:  # the LoRA's model card, evaluation included when there was one
+            card = run_model_card(self.cfg, self.run_dir, label=directory.name, policy_version=epoch + 1,
+                                  weights_location=directory)
+            atomic_write(directory / MODEL_CARD, card.encode("utf-8"))
         self.run_dir.mark_checkpoint_complete(epoch)
         self.last_checkpoint = epoch
 

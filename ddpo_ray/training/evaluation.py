@@ -35,6 +35,7 @@ from ddpo_ray.maths.seeding import EVALUATION, make_generator
 from ddpo_ray.prompts import get_prompts, prompt_groups, spread_pick
 from ddpo_ray.records.checkpoint import read_best_info, save_best
 from ddpo_ray.records.console import format_eval
+from ddpo_ray.records.model_card import run_model_card
 from ddpo_ray.records.run_dir import RunDirectory
 from ddpo_ray.training.learning_gain import in_spreads
 
@@ -291,7 +292,9 @@ class EvalRecorder:
         if metrics["eval_is_best"]:  # before the row that says so, so a crash between never lies
             info = {"policy_version": policy_version, "after_epoch": policy_version - 1 if policy_version else None,
                     cfg.eval.best_metric: self.tracker.best_value}
-            save_best(self.run_dir, policy_weights(), cfg.model.use_lora, info)
+            card = run_model_card(cfg, self.run_dir, label="best", policy_version=policy_version,
+                                  weights_location=self.run_dir.best_dir, evaluation=metrics) if cfg.model.use_lora else None
+            save_best(self.run_dir, policy_weights(), cfg.model.use_lora, info, model_card=card)
         self.run_dir.append_eval({"policy_version": policy_version, **metrics})
         self.run_dir.save_eval_grid(policy_version, images, self.eval_set.prompts, total.tolist())
         self.exported.record_eval(policy_version, metrics)
