@@ -169,6 +169,22 @@ class Trajectories:
         values = {name: getattr(self, name)[index.to(getattr(self, name).device)] for name in self._TENSORS}
         return Trajectories(prompts=[self.prompts[i] for i in index.tolist()], **values)
 
+    def for_transport(self, keep_images: bool = True) -> "Trajectories":
+        """Compact CPU copies of every tensor, for pickling to another process.
+
+        Ray pickles a tensor with its device (a CUDA tensor deserialises onto that GPU index in
+        the receiver, or fails where there is none) and with its whole storage (a slice such as
+        `images[:, :0, :0]` would carry every pixel). Without `keep_images` the rows keep an
+        empty (B, 0, 0, 3) image.
+        """
+        values = {}
+        for name in self._TENSORS:
+            value = getattr(self, name)
+            if name == "images" and not keep_images:
+                value = value[:, :0, :0]
+            values[name] = value.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        return Trajectories(prompts=list(self.prompts), **values)
+
     def to(self, device: torch.device | str) -> "Trajectories":
         values = {name: getattr(self, name).to(device) for name in self._TENSORS}
         return Trajectories(prompts=list(self.prompts), **values)
