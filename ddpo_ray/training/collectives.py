@@ -31,8 +31,6 @@ def mean_over_ranks(metrics: dict[str, float], device: torch.device | str) -> di
     """Average `metrics` over the default process group (max for MAX_METRICS); every rank gets
     the same dict. `device` is `reduction_device(backend, worker device)`."""
     world_size = dist.get_world_size()
-    if world_size == 1:
-        return dict(metrics)
     keys = sorted(metrics)
     is_max = [k in MAX_METRICS for k in keys]
     sums = torch.tensor([0.0 if m else metrics[k] for k, m in zip(keys, is_max)], dtype=torch.float64, device=device)
