@@ -17,7 +17,7 @@ from ddpo_ray.config import ConfigError, TrainConfig, build_config
 from ddpo_ray.distributed.weight_transport import PolicyWeights, WeightTransport
 from ddpo_ray.maths.diffusion import ddim_step_mean, sample_trajectories
 from ddpo_ray.maths.ppo import make_grad_scaler, make_optimizer, train_epoch
-from ddpo_ray.models.lora import add_lora, trainable_parameters, trainable_state_dict
+from ddpo_ray.models.lora import add_lora, trainable_state_dict
 from ddpo_ray.models.pipelines import load_pipeline
 from ddpo_ray.training.collectives import reduction_device
 from ddpo_ray.training.steps import make_trainer_state, train_inner_epochs
