@@ -31,7 +31,7 @@ import torch
 from ddpo_ray.config import build_config
 from ddpo_ray.infra.hf_loading import compute_dtype
 from ddpo_ray.maths.diffusion import sample_trajectories
-from ddpo_ray.maths.ppo import make_optimizer, train_epoch
+from ddpo_ray.maths.ppo import make_grad_scaler, make_optimizer, train_epoch
 from ddpo_ray.models.lora import trainable_parameters
 from ddpo_ray.models.pipelines import load_pipeline
 from ddpo_ray.prompts.sets import SIMPLE_ANIMALS
@@ -126,13 +126,14 @@ def main() -> int:
     storage = sum(t.numel() * t.element_size() for t in (traj.latents, traj.next_latents, traj.log_probs,
                                                           traj.prompt_embeds, traj.negative_prompt_embeds))
     optimizer = make_optimizer(params, cfg.train)
+    grad_scaler = make_grad_scaler(dtype, device)  # fp16 refuses to train without one
     advantages = torch.randn(args.batch)
     steps_trained = cfg.num_train_timesteps
 
     def ppo():
         train_epoch(pipe.unet, pipe.scheduler, optimizer, params, traj, advantages, cfg.train,
                     guidance_scale=cfg.sample.guidance_scale, eta=cfg.sample.eta,
-                    generator=torch.Generator().manual_seed(0), compute_dtype=dtype)
+                    generator=torch.Generator().manual_seed(0), compute_dtype=dtype, grad_scaler=grad_scaler)
 
     def bare():
         pipe.unet.train()

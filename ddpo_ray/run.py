@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.run"
     from ddpo_ray.distributed.driver import run_distributed
     from ddpo_ray.records.console import format_summary
     from ddpo_ray.records.run_dir import RunDirectory
-    from reward_services.client import ensure_reward_apps, shutdown_reward_apps
+    from reward_services.client import RewardServiceError, ensure_reward_apps, shutdown_reward_apps
 
     try:
         started_cluster = connect(args.address, cfg, args.serve_port, args.metrics_export_port, verbose=args.verbose)
@@ -68,7 +68,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.run"
         return 2
     started_apps: list[str] = []
     try:
-        started_apps = ensure_reward_apps(cfg.eval_reward_names() if cfg.eval.every else cfg.reward.components())
+        try:
+            started_apps = ensure_reward_apps(
+                cfg.eval_reward_names() if cfg.eval.every else cfg.reward.components(),
+                model_pretrained=cfg.model.pretrained,
+            )
+        except RewardServiceError as exc:  # e.g. a real model and no real reward model deployed
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         if started_apps:
             log.info("deployed reward applications: %s", ", ".join(started_apps))
         history = run_distributed(cfg)

@@ -110,13 +110,25 @@ def build_tiny_random_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneratio
     return model, tiny_llava_processor(tokenizer)
 
 
-def load_llava(name: str, revision: str | None = None, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """(model, processor) for "tiny", "tiny-random", an HF id (llava-hf/...) or a local save_pretrained dir."""
+def load_llava(
+    name: str,
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+):
+    """(model, processor) for "tiny", "tiny-random", an HF id (llava-hf/...) or a local save_pretrained dir.
+
+    A checkpoint is loaded straight onto a CUDA `device` (device_map), not into host memory
+    first: LLaVA-1.5-7B is 14 GB in fp16.
+    """
     if name == TINY_RANDOM:
         return build_tiny_random_llava(seed)
     source = str(TINY_CAPTIONER) if name == TINY else name
+    placement = {"device_map": {"": str(device)}} if torch.device(device).type == "cuda" else {}
     model = load_pretrained(
-        LlavaForConditionalGeneration.from_pretrained, source, "captioner_model", revision=revision, dtype=dtype
+        LlavaForConditionalGeneration.from_pretrained, source, "captioner_model", revision=revision, dtype=dtype,
+        **placement,
     )
     processor = load_pretrained(AutoProcessor.from_pretrained, source, "captioner_model", revision=revision)
     return model, processor
@@ -140,8 +152,9 @@ class Captioner:
             raise ValueError(
                 f"prompt_template={prompt_template!r}; expected it to contain {IMAGE_TOKEN!r} and '{{question}}'"
             )
-        model_, processor = load_llava(model, revision, resolve_dtype(dtype), seed)
-        self._wrap(model_, processor, resolve_device(device), resolve_dtype(dtype), question, prompt_template, max_new_tokens)
+        target = resolve_device(device)
+        model_, processor = load_llava(model, revision, resolve_dtype(dtype), seed, device=target)
+        self._wrap(model_, processor, target, resolve_dtype(dtype), question, prompt_template, max_new_tokens)
         self.model.eval().requires_grad_(False)
 
     @classmethod

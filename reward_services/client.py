@@ -33,6 +33,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse
 from ray.serve.schema import ApplicationStatus
 
 from ddpo_ray.infra.images import as_image_array
+from ddpo_ray.infra.reward_names import tiny_reward_refusal
 from reward_services.registry import build_reward_app, reward_app
 
 
@@ -286,17 +287,32 @@ class RewardClient:
 def ensure_reward_apps(
     reward_names: Iterable[str],
     args: Mapping[str, Mapping[str, Any]] | None = None,
+    model_pretrained: str = "tiny",
 ) -> list[str]:
     """Deploy each reward's application unless it already runs; returns the names this started.
 
     An application already deployed (e.g. by `serve deploy deploy/serve.yaml`, possibly with
     other models or replica counts) is used as it is. `args` gives builder arguments per reward
     for the ones started here. Serve must be started (serve.start) or it starts with defaults.
+    For a real `model_pretrained` (not a built-in model), a missing application whose default
+    is a tiny-world model is refused (RewardServiceError saying what to deploy) before anything
+    is deployed.
     """
     args = dict(args or {})
     running = serve.status().applications
+    names = list(dict.fromkeys(reward_names))
+    missing = [
+        name for name in names
+        if name not in args and (
+            running.get(reward_app(name).app_name) is None
+            or running[reward_app(name).app_name].status == ApplicationStatus.NOT_STARTED
+        )
+    ]
+    refusal = tiny_reward_refusal(model_pretrained, missing, "deploying the missing reward applications")
+    if refusal is not None:
+        raise RewardServiceError(refusal)
     started = []
-    for name in dict.fromkeys(reward_names):
+    for name in names:
         spec = reward_app(name)
         existing = running.get(spec.app_name)
         if existing is not None and existing.status in (

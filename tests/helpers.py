@@ -173,3 +173,21 @@ def serve_run_config(config_path: Path, instance: ServeInstance, timeout_s: floa
         )
 
     wait_for(all_running, timeout_s=timeout_s, what=f"the applications of {config_path.name}")
+
+
+def mean_over_ranks_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """One rank of a real gloo process group reducing metrics (torch.multiprocessing.spawn target)."""
+    import json
+
+    import torch.distributed as dist
+
+    from ddpo_ray.training.collectives import mean_over_ranks, reduction_device
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        device = reduction_device(dist.get_backend(), "cpu")
+        metrics = {"loss": float(rank + 1), "ratio_max_dev": 0.1 * rank, "clipfrac": 0.5 * rank}
+        reduced = mean_over_ranks(metrics, device)
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"device": str(device), **reduced}))
+    finally:
+        dist.destroy_process_group()

@@ -25,7 +25,7 @@ from ddpo_ray.config import build_config
 from ddpo_ray.infra.reward_names import GOLD_REWARDS
 from ddpo_ray.records.metrics import metric_names
 from reward_services.registry import REWARD_APPS
-from tests.helpers import REPO
+from tests.helpers import REPO, SERVE_YAML
 
 try:
     import tomllib
@@ -312,3 +312,14 @@ def test_kuberay_rayservice_hosts_every_reward_pool():
     assert {app["name"] for app in config["applications"]} == set(REWARD_APPS) - set(GOLD_REWARDS)
     assert cluster_images(service["rayClusterConfig"]) == {IMAGE}
     assert service["rayClusterConfig"]["rayVersion"] == ray.__version__
+
+
+def test_gpu_aesthetic_replicas_share_a_gpu():
+    # CLIP ViT-L/14 + the LAION MLP is ~0.6 GB in fp16: a whole GPU per replica wastes ~95% of it.
+    service = yaml.safe_load(kuberay_docs("rayservice.yaml")["RayService"]["spec"]["serveConfigV2"])
+    job = yaml.safe_load(kuberay_docs("rayjob.yaml")["ConfigMap"]["data"]["serve.yaml"])
+    for config in (service, job):
+        app = next(a for a in config["applications"] if a["name"] == "aesthetic")
+        scorer = next(d for d in app["deployments"] if d["name"] == "AestheticScorer")
+        assert 0 < scorer["ray_actor_options"]["num_gpus"] <= 0.25
+    assert "GPU: {num_cpus: 2, num_gpus: 0.25}" in SERVE_YAML.read_text()

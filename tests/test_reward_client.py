@@ -195,3 +195,25 @@ def test_ensure_attaches_to_running_apps_and_starts_only_missing_ones(reward_app
     assert "jpeg_incompressibility" not in apps
     assert {"jpeg_compressibility", "aesthetic", "llava_bertscore"} <= set(apps)  # untouched
     assert running_replicas("jpeg_compressibility") == {"JpegReward": 1}
+
+
+def test_a_real_model_run_refuses_to_deploy_tiny_reward_models(reward_apps):
+    from reward_services.client import RewardServiceError
+
+    real = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert ensure_reward_apps(["aesthetic", "jpeg_compressibility"], model_pretrained=real) == []  # deployed: attach
+    serve.delete("aesthetic")
+    serve.delete("jpeg_incompressibility")
+    try:
+        with pytest.raises(RewardServiceError, match="aesthetic: deploy aesthetic with model.clip_model=openai/clip-vit"):
+            ensure_reward_apps(["jpeg_incompressibility", "aesthetic"], model_pretrained=real)
+        apps = serve.status().applications
+        assert "aesthetic" not in apps and "jpeg_incompressibility" not in apps  # nothing half-deployed
+        # JPEG has no model, and the built-in models may use the tiny ones as before.
+        started = ensure_reward_apps(["jpeg_incompressibility"], TEST_APP_ARGS, model_pretrained=real)
+        started += ensure_reward_apps(["aesthetic"], TEST_APP_ARGS, model_pretrained="sd15-random")
+        assert started == ["jpeg_incompressibility", "aesthetic"]
+    finally:
+        for name in ("aesthetic", "jpeg_incompressibility"):
+            if name not in serve.status().applications:
+                serve.run(build_reward_app(name, TEST_APP_ARGS[name]), name=name, route_prefix=f"/{name}")

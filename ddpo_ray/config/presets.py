@@ -1,7 +1,8 @@
 """Presets: named sets of overrides on the defaults (which are the `tiny` preset).
 
 `tiny` (the offline default), `tiny_*` (the paper's four tasks at small scale, minutes on a CPU),
-`sd15_*` (the paper's four tasks on Stable Diffusion 1.5) and `sd15_random` (GPU timings).
+`sd15_*` (the paper's four tasks on Stable Diffusion 1.5), `sd14_*` (the same on SD1.4, the
+paper's base model) and `sd15_random` (GPU timings).
 """
 
 from __future__ import annotations
@@ -21,9 +22,15 @@ def merged(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]
     return out
 
 
+# The maintained copy of SD1.5 (runwayml/stable-diffusion-v1-5 was removed from the Hub in 2024).
+SD15_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# The model the DDPO paper trained (Black et al. 2023): the sd14_* presets.
+SD14_MODEL = "CompVis/stable-diffusion-v1-4"
+
 _SD15 = {
     "num_epochs": 100,
-    "model": {"pretrained": "runwayml/stable-diffusion-v1-5", "lora_rank": 4, "mixed_precision": "bf16"},
+    # bf16: train.recompute_old_log_probs (unset) is on, see ddpo_ray.maths.ppo.recompute_log_probs.
+    "model": {"pretrained": SD15_MODEL, "lora_rank": 4, "mixed_precision": "bf16"},
     # 8 x 32 = 256 samples per epoch, as in the paper.
     "sample": {"num_steps": 50, "eta": 1.0, "guidance_scale": 5.0, "resolution": 512,
                "batch_size": 8, "num_batches_per_epoch": 32},
@@ -102,3 +109,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # True-size SD1.5 UNet/VAE at random init: GPU timings with no download.
     "sd15_random": merged(_SD15, {"model": {"pretrained": "sd15-random"}}),
 }
+# The paper's own base model, for its four tasks with the same settings.
+PRESETS.update({
+    name.replace("sd15_", "sd14_"): merged(preset, {"model": {"pretrained": SD14_MODEL}})
+    for name, preset in list(PRESETS.items())
+    if name.startswith("sd15_") and name != "sd15_random"
+})

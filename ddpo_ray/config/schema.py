@@ -98,6 +98,15 @@ class TrainConfig(_Section):
         "/ std, from the schedule), so low-noise steps, whose 1/std-sized scores are mostly noise, "
         "do not drown out the rest",
     )
+    recompute_old_log_probs: bool | None = Field(
+        None,
+        description="score the stored steps with the learner's own kernels before the first update and "
+        "use those as PPO's old log-probs (bf16/fp16 sampling and training round differently, by about "
+        "the clip range); None: on with mixed precision at cluster.staleness 0, else off",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the UNet's activations in the backward: less memory, ~30% more time"
+    )
 
 
 class AdvantageConfig(_Section):
@@ -256,6 +265,13 @@ class DDPOConfig(_Section):
         return keys
 
     @property
+    def recompute_old_log_probs(self) -> bool:
+        """train.recompute_old_log_probs resolved: unset means on with mixed precision at staleness 0."""
+        if self.train.recompute_old_log_probs is not None:
+            return self.train.recompute_old_log_probs
+        return self.model.mixed_precision != "no" and self.cluster.staleness == 0
+
+    @property
     def num_train_timesteps(self) -> int:
         """Denoising steps trained per sample (the first int(num_steps * fraction) of a shuffle)."""
         return int(self.sample.num_steps * self.train.timestep_fraction)
@@ -339,6 +355,12 @@ class DDPOConfig(_Section):
             raise ValueError(
                 "train.algorithm='ddpo_sf' has no importance ratio to correct for samples drawn by an "
                 f"older policy; it needs cluster.staleness=0 (got {self.cluster.staleness})"
+            )
+        if self.train.recompute_old_log_probs and self.cluster.staleness != 0:
+            raise ValueError(
+                "train.recompute_old_log_probs=true rescores samples with the learner's weights, which at "
+                f"cluster.staleness={self.cluster.staleness} are newer than the ones that sampled (the ratio "
+                "would lose the correction for the lag); use cluster.staleness=0 or leave it unset"
             )
         if self.train.kl_coef > 0 and not self.model.use_lora:
             raise ValueError(

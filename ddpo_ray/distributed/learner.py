@@ -31,14 +31,14 @@ from ddpo_ray.distributed.exchange import EpochExchange, PublishedPolicy
 from ddpo_ray.distributed.weight_transport import make_transport
 from ddpo_ray.infra.torch_thread import match_torch_threads_to_cpus
 from ddpo_ray.maths.diffusion import Trajectories
-from ddpo_ray.maths.ppo import make_optimizer
 from ddpo_ray.maths.sharding import EpochShard
-from ddpo_ray.models.lora import trainable_parameters, trainable_state_dict
+from ddpo_ray.models.lora import trainable_state_dict
 from ddpo_ray.models.pipelines import load_pipeline
 from ddpo_ray.records.checkpoint import load_learner_state, save_learner_state
 from ddpo_ray.records.run_dir import RunDirectory
 from ddpo_ray.training.epoch_loop import checkpoint_due
-from ddpo_ray.training.steps import train_inner_epochs
+from ddpo_ray.training.collectives import mean_over_ranks, reduction_device
+from ddpo_ray.training.steps import make_trainer_state, train_inner_epochs
 
 
 def assemble_shard(shard: EpochShard, device: torch.device) -> tuple[Trajectories, torch.Tensor]:
@@ -50,19 +50,6 @@ def assemble_shard(shard: EpochShard, device: torch.device) -> tuple[Trajectorie
     if advantages.shape != (len(trajectories),):
         raise ValueError(f"shard of epoch {shard.epoch}: {len(advantages)} advantages for {len(trajectories)} samples")
     return trajectories, advantages
-
-
-def _mean_over_ranks(metrics: dict[str, float], world_size: int) -> dict[str, float]:
-    """Average metrics over learner workers (max for the ratio deviations)."""
-    if world_size == 1:
-        return metrics
-    keys = sorted(metrics)
-    is_max = [k in ("ratio_max_dev", "ratio_dev_before_update") for k in keys]
-    sums = torch.tensor([0.0 if m else metrics[k] for k, m in zip(keys, is_max)], dtype=torch.float64)
-    maxes = torch.tensor([metrics[k] if m else 0.0 for k, m in zip(keys, is_max)], dtype=torch.float64)
-    torch.distributed.all_reduce(sums)
-    torch.distributed.all_reduce(maxes, op=torch.distributed.ReduceOp.MAX)
-    return {k: float(maxes[i] if m else sums[i] / world_size) for i, (k, m) in enumerate(zip(keys, is_max))}
 
 
 def learner_loop(config: dict[str, Any]) -> None:
@@ -79,8 +66,8 @@ def learner_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     pipe = load_pipeline(cfg.model, device, seed=cfg.seed)
-    params = trainable_parameters(pipe.unet, cfg.model.use_lora, cfg.model.lora_rank, seed=cfg.seed)
-    optimizer = make_optimizer(params, cfg.train)
+    trainer = make_trainer_state(pipe, cfg)
+    params, optimizer = trainer.params, trainer.optimizer
 
     # Where to start: this session's newest checkpoint when Ray Train restarted the worker group,
     # else the run's resume point, else epoch 0 (see ddpo_ray.distributed.exchange for why not Ray Train's).
@@ -100,6 +87,9 @@ def learner_loop(config: dict[str, Any]) -> None:
     unet = ray.train.torch.prepare_model(pipe.unet)  # DDP when world_size > 1
     no_sync = unet.no_sync if isinstance(unet, torch.nn.parallel.DistributedDataParallel) else contextlib.nullcontext
     transport = make_transport(cfg.cluster.weight_transport)
+    metrics_device = (
+        reduction_device(torch.distributed.get_backend(), device) if torch.distributed.is_initialized() else device
+    )
 
     def publish(version: int, metrics: dict[str, Any]) -> None:
         if rank == 0:
@@ -118,9 +108,11 @@ def learner_loop(config: dict[str, Any]) -> None:
         start = time.perf_counter()
         trajectories, advantages = assemble_shard(shard, device)
         metrics = train_inner_epochs(
-            unet, pipe.scheduler, optimizer, params, trajectories, advantages, cfg, epoch, rank, no_sync
+            unet, pipe.scheduler, optimizer, params, trajectories, advantages, cfg, epoch, rank, no_sync,
+            grad_scaler=trainer.grad_scaler,
         )
-        metrics = _mean_over_ranks(metrics, world_size)
+        if world_size > 1:
+            metrics = mean_over_ranks(metrics, metrics_device)
         metrics["time_training"] = time.perf_counter() - start
         metrics["learner_restarts"] = restarts
         publish(epoch + 1, metrics)

@@ -123,8 +123,8 @@ class Sampler:
     def sample(self, task: SampleTask, weights: PolicyWeights) -> Trajectories:
         """Sample `task` with `weights`, submit its images for rewards, return the trajectories.
 
-        The returned trajectories carry no images (the learner does not need them); the
-        images come back with the rewards.
+        The returned trajectories are compact CPU tensors with no images (the learner does not
+        need them; the images come back with the rewards), whatever device sampled them.
         """
         if len(task.prompts) != self.cfg.sample.batch_size:
             raise ValueError(
@@ -149,8 +149,8 @@ class Sampler:
             self._in_flight[task.key] = _InFlight(pending, scored)
             self.batches_sampled += 1
             self._changed.notify_all()
-        trajectories.images = trajectories.images[:, :0, :0]  # (B, 0, 0, 3): rows kept, pixels dropped
-        return trajectories
+        # CPU, compact, no pixels (they went to the rewards): what the learner's object refs hold.
+        return trajectories.for_transport(keep_images=False)
 
     def generate_eval(self, weights: PolicyWeights) -> np.ndarray:
         """The held-out eval images of `weights` (fixed noise, eta 0; ddpo_ray.training.evaluation)."""

@@ -24,6 +24,22 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
 
 
+def _schedule_on(scheduler: DDIMScheduler, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alphas_cumprod, final_alpha_cumprod) as fp32 on `device`, copied there once per scheduler
+    and device, not at every step (a host-to-device copy and a sync per UNet call on a GPU)."""
+    source = scheduler.alphas_cumprod
+    cache = getattr(scheduler, "_ddpo_schedule_cache", None)
+    if cache is None or cache[0] is not source:  # a new schedule replaces the cache
+        cache = (source, {})
+        scheduler._ddpo_schedule_cache = cache
+    if device not in cache[1]:
+        cache[1][device] = (
+            source.to(device=device, dtype=torch.float32),
+            torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32).to(device),
+        )
+    return cache[1][device]
+
+
 def ddim_step_mean(
     scheduler: DDIMScheduler,
     model_output: torch.Tensor,
@@ -55,8 +71,7 @@ def ddim_step_mean(
         raise ValueError(f"timestep has shape {tuple(t.shape)}; expected () or ({batch},)")
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
 
-    alphas_cumprod = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    final_alpha = torch.as_tensor(scheduler.final_alpha_cumprod, device=device, dtype=torch.float32)
+    alphas_cumprod, final_alpha = _schedule_on(scheduler, device)
     alpha_t = _per_sample(alphas_cumprod[t], sample)
     alpha_prev = _per_sample(
         torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final_alpha), sample
@@ -191,6 +206,22 @@ class Trajectories:
         index = torch.as_tensor(index, dtype=torch.long)
         values = {name: getattr(self, name)[index.to(getattr(self, name).device)] for name in self._TENSORS}
         return Trajectories(prompts=[self.prompts[i] for i in index.tolist()], **values)
+
+    def for_transport(self, keep_images: bool = True) -> "Trajectories":
+        """Compact CPU copies of every tensor, for pickling to another process.
+
+        Ray pickles a tensor with its device (a CUDA tensor deserialises onto that GPU index in
+        the receiver, or fails where there is none) and with its whole storage (a slice such as
+        `images[:, :0, :0]` would carry every pixel). Without `keep_images` the rows keep an
+        empty (B, 0, 0, 3) image.
+        """
+        values = {}
+        for name in self._TENSORS:
+            value = getattr(self, name)
+            if name == "images" and not keep_images:
+                value = value[:, :0, :0]
+            values[name] = value.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        return Trajectories(prompts=list(self.prompts), **values)
 
     def to(self, device: torch.device | str) -> "Trajectories":
         values = {name: getattr(self, name).to(device) for name in self._TENSORS}

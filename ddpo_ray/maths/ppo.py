@@ -18,6 +18,7 @@ Gradients accumulate over the trained timesteps of a minibatch and over
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import ContextManager
@@ -28,6 +29,8 @@ from diffusers import DDIMScheduler
 from ddpo_ray.config import TrainConfig
 from ddpo_ray.maths.diffusion import Trajectories, gaussian_log_prob, policy_step_mean, step_score_scale
 from ddpo_ray.models.lora import reference_policy
+
+log = logging.getLogger(__name__)
 
 
 def ppo_loss(
@@ -173,6 +176,55 @@ def shuffle_for_training(
     return shuffled, advantages
 
 
+def make_grad_scaler(compute_dtype: torch.dtype, device: torch.device | str) -> "torch.amp.GradScaler | None":
+    """A loss scaler for fp16 (None otherwise).
+
+    In fp16 the backward through the frozen UNet underflows: SD1.5's LoRA gradients are of
+    order 1e-8..1e-6, below fp16's smallest normal (6e-5). bf16 has fp32's range and needs none.
+    """
+    if compute_dtype != torch.float16:
+        return None
+    return torch.amp.GradScaler(torch.device(device).type)
+
+
+def recompute_log_probs(
+    unet: torch.nn.Module,
+    scheduler: DDIMScheduler,
+    trajectories: Trajectories,
+    batch_size: int,
+    *,
+    guidance_scale: float,
+    eta: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """log p of every stored step under the current weights, in training's batch shape: (B, T).
+
+    The "old" log-probs as the learner's kernels compute them (`train.recompute_old_log_probs`).
+    In bf16/fp16 the sampler's (no grad, whole sampling batch, one timestep) and the learner's
+    (minibatch, mixed timesteps) kernels round differently, by about the PPO clip range; scoring
+    the old policy with the learner's own kernels makes the ratio exactly 1 before the first
+    update again. Valid only when the weights are those that sampled (staleness 0).
+    """
+    module = getattr(unet, "module", unet)  # no DDP forward: nothing to synchronise here
+    batch, steps = trajectories.timesteps.shape
+    scheduler.set_timesteps(steps, device=trajectories.latents.device)
+    was_training = module.training
+    module.train()  # as in train_epoch (no dropout in SD's UNet, but the same code path)
+    out = torch.empty_like(trajectories.log_probs)
+    with torch.no_grad():
+        for start in range(0, batch, batch_size):
+            rows = slice(start, start + batch_size)
+            for j in range(steps):
+                mean, std = policy_step_mean(
+                    module, scheduler, trajectories.latents[rows, j], trajectories.timesteps[rows, j],
+                    trajectories.prompt_embeds[rows], trajectories.negative_prompt_embeds[rows],
+                    guidance_scale=guidance_scale, eta=eta, compute_dtype=compute_dtype,
+                )
+                out[rows, j] = gaussian_log_prob(trajectories.next_latents[rows, j], mean, std)
+    module.train(was_training)
+    return out
+
+
 def train_epoch(
     unet: torch.nn.Module,
     scheduler: DDIMScheduler,
@@ -187,13 +239,23 @@ def train_epoch(
     generator: torch.Generator,
     compute_dtype: torch.dtype = torch.float32,
     no_sync: Callable[[], ContextManager] = contextlib.nullcontext,
+    grad_scaler: "torch.amp.GradScaler | None" = None,
 ) -> dict[str, float]:
     """One pass of DDPO-IS or DDPO-SF over `trajectories` (one inner epoch); averaged statistics.
 
-    `unet` may be wrapped (DDP); `no_sync` is its no_sync context, used for every backward
-    pass that is not the last before an optimizer step. `guidance_scale` is the CFG weight
-    the log-probs are recomputed with (the sampling one when train.cfg, else 1.0).
+    `unet` may be wrapped (DDP); `no_sync` is its no_sync context. It holds the forward and the
+    backward of every step that is not the last before an optimizer step: DDP decides at the
+    forward whether the backward all-reduces, so one all-reduce per optimizer step.
+    `guidance_scale` is the CFG weight the log-probs are recomputed with (the sampling one when
+    train.cfg, else 1.0). fp16 needs `grad_scaler` (`make_grad_scaler`); it is unscaled before
+    the norm clip, and a step with non-finite gradients is skipped (and not counted).
+    Statistics stay on the device until the end: one host sync per epoch, not per step.
     """
+    if compute_dtype == torch.float16 and grad_scaler is None:
+        raise ValueError(
+            "compute_dtype=float16 needs grad_scaler (ddpo_ray.maths.ppo.make_grad_scaler): without "
+            "loss scaling the fp16 backward underflows to zero"
+        )
     batch, steps = trajectories.timesteps.shape
     if advantages.shape != (batch,):
         raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected ({batch},)")
@@ -214,12 +276,12 @@ def train_epoch(
     unet.train()
     optimizer.zero_grad(set_to_none=True)
 
-    totals: dict[str, float] = {}
-    ratio_max_dev = 0.0
+    totals: dict[str, torch.Tensor] = {}
+    ratio_max_dev = torch.zeros((), device=device)
     # Before the first optimizer step the weights are those that sampled (at staleness 0), so
     # every ratio there must be exactly 1: the key check that training scores what sampling drew.
-    ratio_dev_before_update = 0.0
-    grad_norms: list[float] = []
+    ratio_dev_before_update = torch.zeros((), device=device)
+    grad_norms: list[torch.Tensor] = []
     count = 0
     for m in range(num_minibatches):
         rows = slice(m * train.batch_size, (m + 1) * train.batch_size)
@@ -231,45 +293,65 @@ def train_epoch(
                 shuffled.prompt_embeds[rows], shuffled.negative_prompt_embeds[rows],
             )
             step_options = {"guidance_scale": guidance_scale, "eta": eta, "compute_dtype": compute_dtype}
-            if train.kl_coef > 0:
-                # Before the policy's forward: switching the adapter off between a (DDP) forward
-                # and its backward would change which parameters require grad in between.
-                with torch.no_grad(), reference_policy(unet) as reference:
-                    reference_mean, _ = policy_step_mean(reference, scheduler, *step_inputs, **step_options)
-            mean, std = policy_step_mean(unet, scheduler, *step_inputs, **step_options)
-            log_prob = gaussian_log_prob(shuffled.next_latents[rows, j], mean, std)
-            old_log_prob = shuffled.log_probs[rows, j]
-            weights = step_weights(scheduler, shuffled.timesteps[rows, j], train, eta)
-            if train.algorithm == "ddpo_sf":
-                loss, stats = score_function_loss(log_prob, old_log_prob, mb_adv, train.adv_clip_max, weights)
-            else:
-                loss, stats = ppo_loss(log_prob, old_log_prob, mb_adv, train.clip_range, train.adv_clip_max, weights)
-            if train.kl_coef > 0:
-                kl = step_kl(mean, reference_mean, std).mean()
-                loss = loss + train.kl_coef * kl
-                stats["kl_ref"] = kl.detach()
-                stats["loss"] = loss.detach()
             last_backward = update_after_minibatch and j == num_train_timesteps - 1
             with contextlib.nullcontext() if last_backward else no_sync():
-                (loss / backwards_per_step).backward()
+                if train.kl_coef > 0:
+                    # Before the policy's forward: switching the adapter off between a (DDP) forward
+                    # and its backward would change which parameters require grad in between.
+                    with torch.no_grad(), reference_policy(unet) as reference:
+                        reference_mean, _ = policy_step_mean(reference, scheduler, *step_inputs, **step_options)
+                mean, std = policy_step_mean(unet, scheduler, *step_inputs, **step_options)
+                log_prob = gaussian_log_prob(shuffled.next_latents[rows, j], mean, std)
+                old_log_prob = shuffled.log_probs[rows, j]
+                weights = step_weights(scheduler, shuffled.timesteps[rows, j], train, eta)
+                if train.algorithm == "ddpo_sf":
+                    loss, stats = score_function_loss(log_prob, old_log_prob, mb_adv, train.adv_clip_max, weights)
+                else:
+                    loss, stats = ppo_loss(log_prob, old_log_prob, mb_adv, train.clip_range, train.adv_clip_max,
+                                           weights)
+                if train.kl_coef > 0:
+                    kl = step_kl(mean, reference_mean, std).mean()
+                    loss = loss + train.kl_coef * kl
+                    stats["kl_ref"] = kl.detach()
+                    stats["loss"] = loss.detach()
+                scaled = loss / backwards_per_step
+                if grad_scaler is not None:
+                    scaled = grad_scaler.scale(scaled)
+                scaled.backward()
             for key, value in stats.items():
                 if key == "ratio_max_dev":
-                    ratio_max_dev = max(ratio_max_dev, float(value))
+                    ratio_max_dev = torch.maximum(ratio_max_dev, value)
                     if not grad_norms:
-                        ratio_dev_before_update = max(ratio_dev_before_update, float(value))
+                        ratio_dev_before_update = torch.maximum(ratio_dev_before_update, value)
                 else:
-                    totals[key] = totals.get(key, 0.0) + float(value)
+                    totals[key] = totals[key] + value if key in totals else value
             count += 1
         if update_after_minibatch:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-            grad_norms.append(float(grad_norm))
-            optimizer.step()
+            if grad_scaler is not None:
+                grad_scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
+            grad_norms.append(torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm).detach().float())
+            if grad_scaler is not None:
+                grad_scaler.step(optimizer)  # skipped when a gradient is inf/nan
+                grad_scaler.update()
+            else:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
     unet.eval()
-    metrics = {key: value / count for key, value in totals.items()}
-    metrics["ratio_max_dev"] = ratio_max_dev
-    metrics["ratio_dev_before_update"] = ratio_dev_before_update
-    metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
-    metrics["optimizer_steps"] = float(len(grad_norms))
+    keys = sorted(totals)
+    norms = torch.stack(grad_norms)
+    finite = torch.isfinite(norms)
+    summary = torch.stack([
+        *(totals[k].float() / count for k in keys),
+        ratio_max_dev.float(), ratio_dev_before_update.float(),
+        torch.where(finite, norms, torch.zeros_like(norms)).sum() / finite.sum().clamp(min=1),
+        finite.sum().float(),
+    ]).tolist()  # the one host sync of the epoch
+    metrics = dict(zip(keys, summary[:len(keys)]))
+    metrics["ratio_max_dev"], metrics["ratio_dev_before_update"] = summary[len(keys)], summary[len(keys) + 1]
+    metrics["grad_norm"], metrics["optimizer_steps"] = summary[len(keys) + 2], summary[len(keys) + 3]
+    skipped = len(grad_norms) - int(metrics["optimizer_steps"])
+    if skipped:
+        log.warning("%d of %d optimizer steps skipped: non-finite fp16 gradients (the loss scale falls)",
+                    skipped, len(grad_norms))
     return metrics

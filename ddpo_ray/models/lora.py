@@ -48,9 +48,16 @@ def add_lora(unet: UNet2DConditionModel, rank: int, seed: int = 0) -> list[torch
 def trainable_parameters(
     unet: UNet2DConditionModel, use_lora: bool, rank: int, seed: int = 0
 ) -> list[torch.nn.Parameter]:
-    """What PPO trains: LoRA parameters, or every UNet weight when use_lora is False."""
+    """What PPO trains: LoRA parameters, or every UNet weight when use_lora is False.
+
+    A full fine-tune keeps the UNet in fp32 (its master weights) whatever model.mixed_precision
+    says; autocast still computes in bf16/fp16. In bf16 most AdamW updates (lr x ~1) fall
+    below the weights' resolution (2^-8 relative) and would be lost; in fp16 AdamW's eps
+    rounds to 0 and the loss scaler cannot unscale fp16 gradients.
+    """
     if use_lora:
         return add_lora(unet, rank, seed)
+    unet.float()
     unet.requires_grad_(True)
     return list(unet.parameters())
 

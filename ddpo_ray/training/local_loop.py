@@ -16,16 +16,16 @@ import numpy as np
 import torch
 
 from ddpo_ray.config import DDPOConfig
+from ddpo_ray.infra.reward_names import tiny_reward_refusal
 from ddpo_ray.maths.diffusion import Trajectories
-from ddpo_ray.maths.ppo import make_optimizer
-from ddpo_ray.models.lora import trainable_parameters, trainable_state_dict
+from ddpo_ray.models.lora import trainable_state_dict
 from ddpo_ray.models.pipelines import load_pipeline
 from ddpo_ray.records.checkpoint import load_learner_state, save_learner_state
 from ddpo_ray.records.console import PhaseCounter
 from ddpo_ray.records.run_dir import RunDirectory
 from ddpo_ray.training.epoch_loop import EpochLoop, ScoredEpoch
 from ddpo_ray.training.evaluation import EvalSet, generate_eval_images
-from ddpo_ray.training.steps import epoch_batches, sample_batch, train_inner_epochs
+from ddpo_ray.training.steps import epoch_batches, make_trainer_state, sample_batch, train_inner_epochs
 from reward_services.functions import compute_rewards
 from reward_services.metrics import ServiceMetrics
 
@@ -41,9 +41,16 @@ class LocalBackend:
 
     def start(self, run_dir: RunDirectory, first_epoch: int, resume_path: Path | None) -> None:
         cfg = self.cfg
+        # The in-process rewards load only their offline (tiny-world) defaults.
+        refusal = tiny_reward_refusal(
+            cfg.model.pretrained, cfg.eval_reward_names() if cfg.eval.every else cfg.reward.components(),
+            "the single-process loop",
+        )
+        if refusal is not None:
+            raise ValueError(f"{refusal}; then run it with python -m ddpo_ray.run")
         self.pipe = load_pipeline(cfg.model, self.device, seed=cfg.seed)
-        self.params = trainable_parameters(self.pipe.unet, cfg.model.use_lora, cfg.model.lora_rank, seed=cfg.seed)
-        self.optimizer = make_optimizer(self.params, cfg.train)
+        self.trainer = make_trainer_state(self.pipe, cfg)
+        self.params, self.optimizer = self.trainer.params, self.trainer.optimizer
         if resume_path is not None:
             load_learner_state(resume_path, self.pipe.unet, cfg.model.use_lora, self.optimizer)
         self.policy_version = first_epoch
@@ -91,6 +98,7 @@ class LocalBackend:
         metrics = train_inner_epochs(
             self.pipe.unet, self.pipe.scheduler, self.optimizer, self.params, trajectories,
             torch.as_tensor(advantages, dtype=torch.float32), self.cfg, epoch,
+            grad_scaler=self.trainer.grad_scaler,
         )
         metrics["time_training"] = time.perf_counter() - start
         self.policy_version = epoch + 1

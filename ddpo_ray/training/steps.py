@@ -9,6 +9,7 @@ No Ray here.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Callable, ContextManager, Sequence
 
 import numpy as np
@@ -17,8 +18,16 @@ import torch
 from ddpo_ray.config import DDPOConfig
 from ddpo_ray.infra.hf_loading import compute_dtype
 from ddpo_ray.maths.diffusion import Trajectories, sample_trajectories
-from ddpo_ray.maths.ppo import scheduled_learning_rate, set_learning_rate, train_epoch
+from ddpo_ray.maths.ppo import (
+    make_grad_scaler,
+    make_optimizer,
+    recompute_log_probs,
+    scheduled_learning_rate,
+    set_learning_rate,
+    train_epoch,
+)
 from ddpo_ray.maths.seeding import SAMPLING, TRAINING, make_generator
+from ddpo_ray.models.lora import trainable_parameters
 
 
 def epoch_batches(cfg: DDPOConfig, prompts: Sequence[str]) -> list[tuple[str, ...]]:
@@ -52,6 +61,44 @@ def train_guidance_scale(cfg: DDPOConfig) -> float:
     return cfg.sample.guidance_scale if cfg.train.cfg else 1.0
 
 
+@dataclass
+class TrainerState:
+    """What a learner holds besides the pipeline: the trained parameters, AdamW, the fp16 scaler."""
+
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    grad_scaler: "torch.amp.GradScaler | None"
+
+
+def make_trainer_state(pipe, cfg: DDPOConfig) -> TrainerState:
+    """Open what trains on `pipe.unet` (LoRA, or the whole UNet in fp32 master weights), with the
+    optimizer, the fp16 loss scaler and, if asked, gradient checkpointing. The single-process
+    loop and every learner worker build their state here."""
+    params = trainable_parameters(pipe.unet, cfg.model.use_lora, cfg.model.lora_rank, seed=cfg.seed)
+    if cfg.train.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    return TrainerState(
+        params=params,
+        optimizer=make_optimizer(params, cfg.train),
+        grad_scaler=make_grad_scaler(compute_dtype(cfg.model.mixed_precision), pipe.unet.device),
+    )
+
+
+def with_recomputed_log_probs(unet: torch.nn.Module, scheduler, trajectories: Trajectories, cfg: DDPOConfig
+                              ) -> tuple[Trajectories, float]:
+    """`trajectories` with their old log-probs rescored by this learner (train.recompute_old_log_probs),
+    and the largest |exp(rescored - sampled) - 1|: how far the sampler's kernels were from these."""
+    rescored = recompute_log_probs(
+        unet, scheduler, trajectories, cfg.train.batch_size,
+        guidance_scale=train_guidance_scale(cfg), eta=cfg.sample.eta,
+        compute_dtype=compute_dtype(cfg.model.mixed_precision),
+    )
+    deviation = float((torch.exp(rescored - trajectories.log_probs) - 1).abs().max())
+    out = trajectories.select(range(len(trajectories)))
+    out.log_probs = rescored
+    return out, deviation
+
+
 def train_inner_epochs(
     unet: torch.nn.Module,
     scheduler,
@@ -63,15 +110,21 @@ def train_inner_epochs(
     epoch: int,
     rank: int = 0,
     no_sync: Callable[[], ContextManager] = contextlib.nullcontext,
+    grad_scaler: "torch.amp.GradScaler | None" = None,
 ) -> dict[str, float]:
     """`train.num_inner_epochs` PPO passes over one epoch's trajectories; averaged metrics.
 
     `ratio_dev_before_update` is the largest |ratio - 1| before the first optimizer step of
     the first pass: 0 (to float precision) when the trajectories were sampled with the weights
-    being trained (staleness 0), about the policy lag otherwise.
+    being trained (staleness 0), about the policy lag otherwise. With the old log-probs
+    recomputed (`cfg.recompute_old_log_probs`), `sampling_log_prob_dev` is the sampler-vs-learner
+    deviation that recomputing removed.
     """
     lr = scheduled_learning_rate(cfg.train, epoch, cfg.num_epochs)
     set_learning_rate(optimizer, lr)
+    sampling_dev = None
+    if cfg.recompute_old_log_probs:
+        trajectories, sampling_dev = with_recomputed_log_probs(unet, scheduler, trajectories, cfg)
     inner_metrics = []
     for inner in range(cfg.train.num_inner_epochs):
         inner_metrics.append(train_epoch(
@@ -81,9 +134,12 @@ def train_inner_epochs(
             generator=make_generator(cfg.seed, TRAINING, epoch, inner, rank),
             compute_dtype=compute_dtype(cfg.model.mixed_precision),
             no_sync=no_sync,
+            grad_scaler=grad_scaler,
         ))
     metrics = {key: float(np.mean([m[key] for m in inner_metrics])) for key in inner_metrics[0]}
     metrics["ratio_max_dev"] = max(m["ratio_max_dev"] for m in inner_metrics)
     metrics["ratio_dev_before_update"] = inner_metrics[0]["ratio_dev_before_update"]
     metrics["learning_rate"] = lr
+    if sampling_dev is not None:
+        metrics["sampling_log_prob_dev"] = sampling_dev
     return metrics
