@@ -2,7 +2,7 @@
 
 The single-process loop with the `tiny_compressibility` preset's recipe (32 samples per epoch:
 4 prompts x 8, group advantages, 5 denoising steps, one full-batch Adam step per epoch at lr
-1e-2 falling to 1e-3, clip 1e-2), 12 epochs, against a paired baseline: the base model (policy
+1e-2 falling to 1e-3, clip 1e-2, each step's loss divided by its score scale), 12 epochs, against a paired baseline: the base model (policy
 version 0) sampling each epoch's prompts with the same noise, through the same
 `LocalBackend.sample`, so the per-epoch difference is the learning alone.
 
@@ -13,7 +13,9 @@ the paired gain, averaged over any 3 consecutive epochs, must somewhere exceed h
 epoch-0 spread (the run rose clearly above what the base model draws from the same noise; it
 may fall back later, which `checkpoints/best` is for). Measured at 1 and 2 torch threads before
 keeping it (seed 0, in epoch-0 spreads; the figures are printed with -s and in any failure):
-+1.24 at 1 thread and +1.15 at 2, the per-epoch gain swinging from -1.5 to +2.0, so the floor is 0.3.
++1.53 at 1 thread and +1.54 at 2, the per-epoch gain swinging from -0.8 to +2.5, so the floor
+is 0.5, a third of what was measured. (Before `train.step_weighting=score_scale` joined the
+recipe: +1.24 and +1.15.)
 
 Incompressibility is not held to this: its best window reached only +0.57 at 2 threads (it
 failed a fresh clone last round), below a margin that holds on any machine. Why learning on
@@ -35,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 # The presets' training as it is; no evaluation (so no guard), to measure the training reward alone.
 RECIPE = ["seed=0", "num_epochs=12", "save_freq=0", "metrics=false", "eval.every=0", "eval.guard_reward=null"]
-MIN_GAIN_IN_SPREADS = 0.3  # the best 3-epoch mean of the paired gain, in epoch-0 spreads
+MIN_GAIN_IN_SPREADS = 0.5  # the best 3-epoch mean of the paired gain, in epoch-0 spreads
 WINDOW = 3
 
 

@@ -52,7 +52,9 @@ _SD15 = {
 # policy gradient of 32 samples is mostly noise (two halves of one epoch's samples give
 # gradients with cosine ~0). One full-batch Adam step per epoch at a high LoRA learning rate
 # that falls (cosine) to a tenth by the last epoch, so the late, noisy steps are small and the
-# policy keeps what it gained; group advantages over 4 prompts x 8 samples. Evaluation samples
+# policy keeps what it gained; group advantages over 4 prompts x 8 samples; each denoising step's
+# loss divided by its score scale (`train.step_weighting`), without which the t=201 step's
+# 1/std-sized, mostly-noise score is 10x every other step's. Evaluation samples
 # the policy DDPO trains (eta 1, its noise fixed per eval image), every epoch.
 _TINY_LEARNING = {
     "num_epochs": 15,
@@ -60,7 +62,7 @@ _TINY_LEARNING = {
     "sample": {"num_steps": 5, "batch_size": 8, "num_batches_per_epoch": 4, "samples_per_prompt": 8},
     "advantage": {"mode": "group"},
     "train": {"batch_size": 32, "learning_rate": 1e-2, "clip_range": 1e-2, "lr_schedule": "cosine",
-              "lr_final_fraction": 0.1},
+              "lr_final_fraction": 0.1, "step_weighting": "score_scale"},
     "eval": {"every": 1, "prompts_per_group": 12, "eta": 1.0},
 }
 
