@@ -159,7 +159,7 @@ def test_score_scale_weights_average_one_over_the_schedule_and_shrink_low_noise_
 
     scheduler = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     scheduler.set_timesteps(5)
-    uniform = build_config(overrides=[]).train
+    uniform = TrainConfig()  # the schema default
     assert step_weights(scheduler, scheduler.timesteps, uniform, eta=1.0) is None
     train = build_config(overrides=["train.step_weighting=score_scale"]).train
     weights = step_weights(scheduler, scheduler.timesteps, train, eta=1.0)
