@@ -290,6 +290,7 @@ def item8(bench: Bench, rows: list[Row], results: dict) -> None:
     torch = bench.torch
     from ddpo_ray.config import TrainConfig
     from ddpo_ray.maths.ppo import make_grad_scaler, make_optimizer, train_epoch
+    from ddpo_ray.training.collectives import count_all_reduces
 
     dtype = torch.bfloat16 if bench.device.type == "cuda" else torch.float32
     pipe = bench.pipe(dtype)
@@ -299,15 +300,7 @@ def item8(bench: Bench, rows: list[Row], results: dict) -> None:
         p.requires_grad_(True)
     ids = [bench.device.index or 0] if bench.device.type == "cuda" else None
     ddp = torch.nn.parallel.DistributedDataParallel(pipe.unet, device_ids=ids)
-    buckets: list[int] = []
-
-    def counting_hook(state, bucket):
-        buckets.append(bucket.index())
-        fut = torch.futures.Future()
-        fut.set_result(bucket.buffer())
-        return fut
-
-    ddp.register_comm_hook(None, counting_hook)
+    buckets = count_all_reduces(ddp)
     train = TrainConfig(batch_size=bench.cfg.train.batch_size, gradient_accumulation_steps=len(traj) // bench.cfg.train.batch_size)
     metrics = train_epoch(
         ddp, pipe.scheduler, make_optimizer(params, train), params, traj, torch.randn(len(traj)).to(bench.device),

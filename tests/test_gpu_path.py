@@ -19,7 +19,7 @@ from ddpo_ray.maths.diffusion import ddim_step_mean, sample_trajectories
 from ddpo_ray.maths.ppo import make_grad_scaler, make_optimizer, train_epoch
 from ddpo_ray.models.lora import add_lora, trainable_state_dict
 from ddpo_ray.models.pipelines import load_pipeline
-from ddpo_ray.training.collectives import reduction_device
+from ddpo_ray.training.collectives import count_all_reduces, reduction_device
 from ddpo_ray.training.steps import make_trainer_state, train_inner_epochs
 from tests.helpers import PLAIN, mean_over_ranks_worker, randomize_lora
 
@@ -177,15 +177,7 @@ def test_ddp_all_reduces_once_per_optimizer_step(tiny_pipe, gloo_group):
     randomize_lora(tiny_pipe.unet)
     traj = sample(tiny_pipe, prompts=["a cat", "a dog", "a zebra", "an ant"], steps=3)
     ddp = torch.nn.parallel.DistributedDataParallel(tiny_pipe.unet, bucket_cap_mb=1000)  # one bucket
-    calls = []
-
-    def counting_hook(state, bucket):
-        calls.append(bucket.index())
-        fut = torch.futures.Future()
-        fut.set_result(bucket.buffer())
-        return fut
-
-    ddp.register_comm_hook(None, counting_hook)
+    calls = count_all_reduces(ddp)
     # 2 minibatches x 3 timesteps accumulate into 1 optimizer step: 6 backwards, 1 all-reduce.
     train = TrainConfig(batch_size=2, gradient_accumulation_steps=2)
     metrics = train_epoch(

@@ -39,3 +39,19 @@ def mean_over_ranks(metrics: dict[str, float], device: torch.device | str) -> di
     dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
     sums, maxes = sums.tolist(), maxes.tolist()
     return {k: (maxes[i] if m else sums[i] / world_size) for i, (k, m) in enumerate(zip(keys, is_max))}
+
+
+def count_all_reduces(ddp: torch.nn.parallel.DistributedDataParallel) -> list[int]:
+    """Register a DDP comm hook that records each gradient bucket it is asked to all-reduce and
+    passes the bucket through unreduced; returns the list it appends to. How the tests and
+    bench/gpu_checks.py count all-reduces per optimizer step (no_sync must hold them back)."""
+    calls: list[int] = []
+
+    def hook(state, bucket):
+        calls.append(bucket.index())
+        future = torch.futures.Future()
+        future.set_result(bucket.buffer())
+        return future
+
+    ddp.register_comm_hook(None, hook)
+    return calls
