@@ -273,6 +273,9 @@ def train_epoch(
     device = trajectories.latents.device
     scheduler.set_timesteps(steps, device=device)
     shuffled, shuffled_adv = shuffle_for_training(trajectories, advantages, generator)
+    # Every (sample, step)'s loss weight at once: they depend on the schedule alone.
+    flat_weights = step_weights(scheduler, shuffled.timesteps.flatten(), train, eta)
+    all_weights = None if flat_weights is None else flat_weights.reshape(shuffled.timesteps.shape)
     unet.train()
     optimizer.zero_grad(set_to_none=True)
 
@@ -303,7 +306,7 @@ def train_epoch(
                 mean, std = policy_step_mean(unet, scheduler, *step_inputs, **step_options)
                 log_prob = gaussian_log_prob(shuffled.next_latents[rows, j], mean, std)
                 old_log_prob = shuffled.log_probs[rows, j]
-                weights = step_weights(scheduler, shuffled.timesteps[rows, j], train, eta)
+                weights = None if all_weights is None else all_weights[rows, j]
                 if train.algorithm == "ddpo_sf":
                     loss, stats = score_function_loss(log_prob, old_log_prob, mb_adv, train.adv_clip_max, weights)
                 else:
