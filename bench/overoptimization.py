@@ -64,7 +64,7 @@ def arm_config(preset: str, arm: str, args, out: Path, base_gold_std: float | No
 def guarded(cfg: DDPOConfig, plain_evals: list[dict]) -> list[dict]:
     """The plain run's eval rows as the guarded run records them: the product's tracker under
     the guard config, up to and including the version that trips the guard (where it stops)."""
-    tracker = EvalTracker(cfg)
+    tracker = EvalTracker.for_config(cfg)
     rows = []
     for row in plain_evals:
         version = int(row["policy_version"])

@@ -7,7 +7,7 @@ from ddpo_ray.training.evaluation import EvalTracker
 
 def test_summary_says_the_gains_in_base_spreads_and_per_prompt_group():
     cfg = build_config()
-    tracker = EvalTracker(cfg)
+    tracker = EvalTracker.for_config(cfg)
     evals = []
     for version, (train, held_out) in enumerate([(-3.0, -3.2), (-2.6, -3.0)]):
         row = {"policy_version": version, "eval_reward_mean": (train + held_out) / 2, "eval_reward_std": 0.5,

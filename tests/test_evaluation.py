@@ -229,7 +229,7 @@ def test_ddpo_sf_takes_one_step_per_epoch(tmp_path):
 
 def test_tracker_keeps_the_best_and_stops_when_the_guard_falls_past_the_margin():
     cfg = build_config(overrides=["eval.rewards=[aesthetic]", "eval.guard_reward=aesthetic", "eval.guard_margin=0.1"])
-    tracker = EvalTracker(cfg)
+    tracker = EvalTracker.for_config(cfg)
     evals = [(-3.0, 1.0), (-2.5, 1.2), (-2.0, 1.15), (-1.0, 0.9)]  # (objective, guard) per version
     out = [tracker.update(v, {"eval_reward_mean": r, "eval_aesthetic_mean": g}) for v, (r, g) in enumerate(evals)]
     assert [o["eval_guard_stop"] for o in out] == [False, False, False, True]  # drop 0.05 then 0.3
@@ -248,7 +248,7 @@ def test_tracker_writes_gains_in_base_spreads_per_reward_and_prompt_group():
                 "eval_reward_tiny_shapes_held_out_mean": held_out, "eval_aesthetic_mean": aesthetic,
                 "eval_aesthetic_std": 2.0}
 
-    tracker = EvalTracker(cfg)
+    tracker = EvalTracker.for_config(cfg)
     base = tracker.update(0, row(-3.0, -2.8, -3.2, 4.0))
     assert base["eval_reward_gain"] == 0.0 and base["eval_reward_tiny_shapes_held_out_gain"] == 0.0
     later = tracker.update(1, row(-2.5, -2.0, -3.1, 5.0))
@@ -256,17 +256,17 @@ def test_tracker_writes_gains_in_base_spreads_per_reward_and_prompt_group():
     assert later["eval_reward_train_gain"] == pytest.approx(1.6)
     assert later["eval_reward_tiny_shapes_held_out_gain"] == pytest.approx(0.2)
     assert later["eval_aesthetic_gain"] == pytest.approx(0.5)  # in its own base spread
-    replayed = EvalTracker(cfg)  # a resumed run rebuilds the base from eval.jsonl
+    replayed = EvalTracker.for_config(cfg)  # a resumed run rebuilds the base from eval.jsonl
     replayed.replay([{"policy_version": 0, **row(-3.0, -2.8, -3.2, 4.0)}])
     assert replayed.update(1, row(-2.5, -2.0, -3.1, 5.0))["eval_reward_gain"] == pytest.approx(1.0)
 
 
 def test_tracker_stops_on_a_guard_it_cannot_score_and_names_missing_keys():
     cfg = build_config(overrides=["eval.rewards=[aesthetic]", "eval.guard_reward=aesthetic"])
-    tracker = EvalTracker(cfg)
+    tracker = EvalTracker.for_config(cfg)
     assert tracker.update(0, {"eval_reward_mean": -3.0, "eval_aesthetic_mean": None})["eval_guard_stop"]
     with pytest.raises(ValueError, match="no 'eval_aesthetic_mean'"):
-        EvalTracker(cfg).update(0, {"eval_reward_mean": -3.0})
+        EvalTracker.for_config(cfg).update(0, {"eval_reward_mean": -3.0})
 
 
 @pytest.mark.slow

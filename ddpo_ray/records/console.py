@@ -64,7 +64,7 @@ def format_summary(history: Sequence[Mapping[str, Any]], evals: Sequence[Mapping
         lines.append(
             f"held-out reward v{base['policy_version']} {base['eval_reward_mean']:+.4f} -> "
             f"v{end['policy_version']} {end['eval_reward_mean']:+.4f} ({gain:+.4f} = "
-            f"{gain / max(base['eval_reward_std'], 1e-12):+.2f} base spreads"
+            f"{end['eval_reward_gain']:+.2f} base spreads"
             + (f"; by prompt group: {by_group}" if by_group else "")
             + f"); best v{end.get('eval_best_version')}"
         )

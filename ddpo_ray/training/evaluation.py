@@ -172,9 +172,9 @@ class EvalTracker:
     whether a gain carries over to prompts never trained on).
     """
 
-    def __init__(self, cfg: DDPOConfig):
+    def __init__(self, cfg: DDPOConfig, groups: Sequence[str]):
         self.scored = ["reward", *cfg.eval_reward_names()]
-        self.groups = EvalSet.from_config(cfg).group_names()
+        self.groups = list(groups)
         self.base: dict[str, float] | None = None
         self.metric = cfg.eval.best_metric
         self.guard_key = f"eval_{cfg.eval.guard_reward}_mean" if cfg.eval.guard_reward else None
@@ -183,6 +183,11 @@ class EvalTracker:
         self.best_version: int | None = None
         self.guard_peak = -np.inf
         self.stopped = False
+
+    @classmethod
+    def for_config(cls, cfg: DDPOConfig) -> "EvalTracker":
+        """A tracker on its own (benches, tests): the prompt groups of the config's eval set."""
+        return cls(cfg, EvalSet.from_config(cfg).group_names())
 
     def _value(self, policy_version: int, metrics: Mapping[str, Any], key: str) -> float:
         if key not in metrics:
@@ -247,7 +252,7 @@ class EvalRecorder:
     def __init__(self, cfg: DDPOConfig, run_dir: RunDirectory, exported: Any, policy_version: int):
         self.cfg, self.run_dir, self.exported = cfg, run_dir, exported
         self.eval_set = EvalSet.from_config(cfg)
-        self.tracker = EvalTracker(cfg)
+        self.tracker = EvalTracker(cfg, self.eval_set.group_names())
         run_dir.truncate_evals(max_version=policy_version)
         done = run_dir.read_evals()
         self.tracker.replay(done)
