@@ -69,3 +69,24 @@ def test_first_inner_epoch_ratio_is_one_in_train_epoch(tiny_pipe, cfg):
     assert metrics["clipfrac"] == 0.0
     assert metrics["approx_kl"] < 1e-10
     assert metrics["optimizer_steps"] == 1.0
+
+
+def test_sampling_with_the_lora_merged_keeps_the_ratio_one_and_the_adapter_intact(tiny_pipe):
+    """Samplers roll out with the LoRA merged (models.merged_lora); the learner recomputes
+    log-probs through the unmerged adapter. The PPO ratio before any update must still be 1."""
+    from ddpo_ray.models.merged_lora import MergedLora
+
+    params = add_lora(tiny_pipe.unet, rank=4)
+    randomize_lora(tiny_pipe.unet, std=0.2)
+    merger = MergedLora(tiny_pipe.unet)
+    unmerged = sample(tiny_pipe, 5.0, steps=4)
+    with merger.merged_for_sampling():
+        traj = sample(tiny_pipe, 5.0, steps=4)
+    assert (traj.log_probs - unmerged.log_probs).abs().max() < 1e-5
+    train = TrainConfig(batch_size=2, gradient_accumulation_steps=2, timestep_fraction=1.0)
+    metrics = train_epoch(
+        tiny_pipe.unet, tiny_pipe.scheduler, make_optimizer(params, train), params, traj,
+        torch.tensor([1.0, -1.0, 0.5, -0.5]), train, guidance_scale=5.0, eta=1.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert metrics["ratio_max_dev"] < 1e-5 and metrics["clipfrac"] == 0.0

@@ -19,6 +19,7 @@ from ddpo_ray.distributed.weight_transport import InProcessTransport, ObjectStor
 from ddpo_ray.maths.sharding import split_epoch
 from ddpo_ray.maths.staleness import epochs_awaiting_training, sampling_version
 from ddpo_ray.models.lora import trainable_parameters, trainable_state_dict
+from ddpo_ray.models.merged_lora import MergedLora
 from ddpo_ray.models.pipelines import load_pipeline
 from ddpo_ray.training.steps import sample_batch
 from tests.helpers import PLAIN, randomize_lora
@@ -49,7 +50,12 @@ def test_sampler_outputs_change_after_a_sync_and_match_the_learner_exactly(rewar
     sampler_lora = trainable_state_dict(sampler.pipe.unet, True)
     assert learner_lora.keys() == sampler_lora.keys()
     assert all(torch.equal(learner_lora[k], sampler_lora[k]) for k in learner_lora)
-    reference = sample_batch(learner, cfg, task.prompts, 0, 0, policy_version=1)
+    # Samplers roll out with the LoRA merged (models/merged_lora.py): the same weights, merged
+    # the same way, give the same rollout bit for bit; unmerged, the same log-probs up to rounding.
+    with MergedLora.for_sampling(learner.unet, True, cfg.sample.merge_lora).merged_for_sampling():
+        reference = sample_batch(learner, cfg, task.prompts, 0, 0, policy_version=1)
+    unmerged = sample_batch(learner, cfg, task.prompts, 0, 0, policy_version=1)
+    assert (unmerged.log_probs - after.log_probs).abs().max() < 1e-5
     assert torch.equal(reference.next_latents, after.next_latents)
     assert torch.equal(reference.log_probs, after.log_probs)
     assert np.array_equal(reference.images.numpy(), scored.images)

@@ -55,6 +55,10 @@ class SampleConfig(_Section):
     batch_size: int = Field(8, ge=1, description="images per sampler call")
     num_batches_per_epoch: int = Field(4, ge=1, description="in total, spread over samplers")
     samples_per_prompt: int = Field(1, ge=1, description="K samples of each prompt per epoch")
+    merge_lora: bool = Field(
+        True, description="roll out with the LoRA merged into the base weights (fp32 UNets only; "
+        "the speed of the adapter-free UNet, the same policy up to rounding)"
+    )
 
     @model_validator(mode="after")
     def _resolution_multiple_of_8(self) -> "SampleConfig":

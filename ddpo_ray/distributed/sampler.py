@@ -31,6 +31,7 @@ from ddpo_ray.config import DDPOConfig
 from ddpo_ray.distributed.weight_transport import PolicyWeights, WeightTransport, make_transport
 from ddpo_ray.maths.diffusion import Trajectories
 from ddpo_ray.models.lora import trainable_parameters
+from ddpo_ray.models.merged_lora import MergedLora
 from ddpo_ray.models.pipelines import load_pipeline
 from ddpo_ray.records.metrics import SamplerMetrics
 from ddpo_ray.training.steps import sample_batch
@@ -89,6 +90,7 @@ class Sampler:
         # The same initial adapter as the learner's; replaced by the first weights it is handed.
         trainable_parameters(self.pipe.unet, self.cfg.model.use_lora, self.cfg.model.lora_rank, seed=self.cfg.seed)
         self.pipe.unet.requires_grad_(False)
+        self.merged_lora = MergedLora.for_sampling(self.pipe.unet, self.cfg.model.use_lora, self.cfg.sample.merge_lora)
         self.policy_version: int | None = None  # None until weights are applied
         if reward_client is None:
             from reward_services.client import RewardClient
@@ -133,9 +135,10 @@ class Sampler:
             )
         time_sync = self.apply_weights(weights)
         start = time.perf_counter()
-        trajectories = sample_batch(
-            self.pipe, self.cfg, task.prompts, task.epoch, task.batch_index, self.policy_version
-        )
+        with self.merged_lora.merged_for_sampling():
+            trajectories = sample_batch(
+                self.pipe, self.cfg, task.prompts, task.epoch, task.batch_index, self.policy_version
+            )
         time_sampling = time.perf_counter() - start
         self.metrics.batch_sampled(len(task.prompts), time_sampling)
         images = trajectories.images.numpy()

@@ -19,6 +19,7 @@ from ddpo_ray.config import DDPOConfig
 from ddpo_ray.infra.reward_names import tiny_reward_refusal
 from ddpo_ray.maths.diffusion import Trajectories
 from ddpo_ray.models.lora import trainable_state_dict
+from ddpo_ray.models.merged_lora import MergedLora
 from ddpo_ray.models.pipelines import load_pipeline
 from ddpo_ray.records.checkpoint import load_learner_state, save_learner_state
 from ddpo_ray.records.console import PhaseCounter
@@ -51,6 +52,7 @@ class LocalBackend:
         self.pipe = load_pipeline(cfg.model, self.device, seed=cfg.seed)
         self.trainer = make_trainer_state(self.pipe, cfg)
         self.params, self.optimizer = self.trainer.params, self.trainer.optimizer
+        self.merged_lora = MergedLora.for_sampling(self.pipe.unet, cfg.model.use_lora, cfg.sample.merge_lora)
         if resume_path is not None:
             load_learner_state(resume_path, self.pipe.unet, cfg.model.use_lora, self.optimizer)
         self.policy_version = first_epoch
@@ -68,9 +70,10 @@ class LocalBackend:
         start = time.perf_counter()
         batches = []
         todo = epoch_batches(self.cfg, prompts)
-        for b, batch in enumerate(todo):
-            self.counter.show(epoch, "sampling batch", b + 1, len(todo))
-            batches.append(sample_batch(self.pipe, self.cfg, batch, epoch, b, policy_version))
+        with self.merged_lora.merged_for_sampling():  # restored before training touches the UNet
+            for b, batch in enumerate(todo):
+                self.counter.show(epoch, "sampling batch", b + 1, len(todo))
+                batches.append(sample_batch(self.pipe, self.cfg, batch, epoch, b, policy_version))
         self.counter.show(epoch, "scoring")
         trajectories = Trajectories.concat(batches)
         time_sampling = time.perf_counter() - start
