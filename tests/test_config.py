@@ -87,3 +87,10 @@ def test_bad_files_and_override_syntax(tmp_path):
         build_config(overrides=["seed.x=1"])
     with pytest.raises(ConfigError, match="preset='nope'"):
         build_config(preset="nope")
+
+
+def test_default_run_names_do_not_collide_within_a_second():
+    cfg = DDPOConfig()
+    names = {cfg.resolved_run_name() for _ in range(50)}
+    assert len(names) == 50
+    assert all(name.startswith("tiny-") for name in names)

@@ -229,3 +229,46 @@ def test_checkpoints_listing_ignores_incomplete(run_dir):
 def test_mark_checkpoint_complete_requires_directory(run_dir):
     with pytest.raises(FileNotFoundError, match="epoch_0005"):
         run_dir.mark_checkpoint_complete(5)
+
+
+# --- a new run never lands in an earlier run's directory ---------------------------------
+
+
+def _earlier_run(root):
+    earlier = RunDirectory(root)
+    earlier.write_config({"seed": 0})
+    earlier.append_metrics({"epoch": 0, "reward_mean": 1.0})
+    return earlier
+
+
+def test_a_new_run_refuses_an_existing_run_directory(tmp_path):
+    from ddpo_ray.records.run_dir import RunDirectoryExistsError, check_new_run
+
+    root = tmp_path / "outputs" / "r"
+    check_new_run(root, None)  # nothing there yet
+    RunDirectory(root)
+    check_new_run(root, None)  # empty layout only: nothing to lose
+    _earlier_run(root)
+    with pytest.raises(RunDirectoryExistsError, match=r"run directory .*outputs/r already holds a run.*resume_from=latest.*run_name"):
+        check_new_run(root, None)
+    check_new_run(root, "latest")  # a resume continues it
+    only_checkpoints = tmp_path / "outputs" / "c"
+    RunDirectory(only_checkpoints).checkpoint_path(0).mkdir()
+    with pytest.raises(RunDirectoryExistsError, match="checkpoints"):
+        check_new_run(only_checkpoints, None)
+
+
+def test_the_epoch_loop_and_the_cli_refuse_to_merge_into_an_earlier_run(tmp_path):
+    """Measured before: a second run appended epochs 0, 1 to the old 0, 1, 2."""
+    from ddpo_ray.config import build_config
+    from ddpo_ray.local import main as local_main
+    from ddpo_ray.records.run_dir import RunDirectoryExistsError
+    from ddpo_ray.training.epoch_loop import EpochLoop
+
+    _earlier_run(tmp_path / "r")
+    before = (tmp_path / "r" / "metrics.jsonl").read_bytes()
+    cfg = build_config(overrides=[f"output_dir={tmp_path}", "run_name=r", "metrics=false"])
+    with pytest.raises(RunDirectoryExistsError, match="resume_from"):
+        EpochLoop(cfg, backend=None, exporter="off")
+    assert local_main([f"output_dir={tmp_path}", "run_name=r", "metrics=false"]) == 2
+    assert (tmp_path / "r" / "metrics.jsonl").read_bytes() == before

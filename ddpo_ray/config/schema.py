@@ -9,6 +9,7 @@ typo fails in a second instead of after the cluster has started. Names follow dd
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any, Literal
 
@@ -221,7 +222,7 @@ class ClusterConfig(_Section):
 
 class DDPOConfig(_Section):
     preset: str = "tiny"
-    run_name: str | None = Field(None, description="default: <preset>-<date>-<time>")
+    run_name: str | None = Field(None, description="default: <preset>-<date>-<time>-<random hex>")
     output_dir: str = "outputs"
     seed: int = 0
     num_epochs: int = Field(5, ge=1)
@@ -377,7 +378,12 @@ class DDPOConfig(_Section):
         return self
 
     def resolved_run_name(self) -> str:
-        return self.run_name or f"{self.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        """run_name, or a fresh default: <preset>-<date>-<time>-<6 random hex digits>.
+
+        The random suffix keeps two runs started in the same second apart (a second run
+        must never land in the first one's directory). Resolve it once per run.
+        """
+        return self.run_name or f"{self.preset}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -50,6 +50,31 @@ COMPLETE_MARKER = "COMPLETE"
 _CHECKPOINT_NAME = re.compile(r"epoch_(\d{4,})")
 
 
+class RunDirectoryExistsError(FileExistsError):
+    """A new run (no resume_from) was pointed at the directory of an earlier run."""
+
+
+def check_new_run(root: str | os.PathLike, resume_from: str | None) -> None:
+    """Refuse to start a fresh run where an earlier run left its records.
+
+    Without this, a second run with the same name appended its epochs to the old metrics.jsonl
+    (epochs 0, 1, 2, 0, 1), left `latest` pointing at the old run's checkpoint and deleted its
+    best. A resumed run (resume_from set) continues the directory, so it passes.
+    """
+    if resume_from:
+        return
+    root = Path(root)
+    left = [name for name in (CONFIG_FILE, METRICS_FILE, EVAL_FILE) if (root / name).exists()]
+    checkpoints = root / CHECKPOINTS_DIR
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        left.append(CHECKPOINTS_DIR)
+    if left:
+        raise RunDirectoryExistsError(
+            f"run directory {root} already holds a run ({', '.join(left)}); pass resume_from=latest to "
+            "continue it, or a new run_name (or output_dir) to start another"
+        )
+
+
 class RunDirectory:
     """Names, writes and reads the files of one run; see the module docstring for the layout."""
 
