@@ -272,3 +272,87 @@ def test_the_epoch_loop_and_the_cli_refuse_to_merge_into_an_earlier_run(tmp_path
         EpochLoop(cfg, backend=None, exporter="off")
     assert local_main([f"output_dir={tmp_path}", "run_name=r", "metrics=false"]) == 2
     assert (tmp_path / "r" / "metrics.jsonl").read_bytes() == before
+
+
+# --- checkpoints: atomic, marked complete last, loaded without running code --------------
+
+
+class _Payload:
+    """A pickle that creates `marker` when unpickled: what a crafted checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A real checkpoint of the tiny UNet with a LoRA, an optimizer that stepped, a tracker with history."""
+    from ddpo_ray.maths.advantages import AdvantageEstimator
+    from ddpo_ray.models.lora import add_lora
+    from ddpo_ray.models.pipelines import tiny_unet_and_vae
+    from ddpo_ray.records.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    unet, _ = tiny_unet_and_vae()
+    params = add_lora(unet, rank=2)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    advantages = AdvantageEstimator("per_prompt", 4, 1)
+    advantages(np.array(["a cat", "a dog"]), np.array([1.0, 2.0]))  # numpy strings as prompts
+    run_dir = RunDirectory(tmp_path / "run")
+    directory = save_checkpoint(run_dir, 0, unet, True, optimizer, advantages, policy_version=1)
+    return run_dir, directory, unet, optimizer, advantages
+
+
+def test_a_checkpoint_loads_with_weights_only(tiny_checkpoint):
+    from ddpo_ray.records.checkpoint import LEARNER_STATE, RUN_STATE, read_learner_state, resolve_resume_path
+
+    run_dir, directory, *_ = tiny_checkpoint
+    assert resolve_resume_path(str(directory), run_dir) == directory
+    assert read_learner_state(directory)["use_lora"] is True
+    state = torch.load(directory / RUN_STATE, weights_only=True)
+    assert state["epoch"] == 0 and set(state["advantages"]["tracker"]["buffers"]) == {"a cat", "a dog"}
+    torch.load(directory / LEARNER_STATE, weights_only=True)
+    assert not [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("state_file", ["learner_state.pt", "run_state.pt"])
+def test_a_crafted_pickle_in_a_checkpoint_is_refused_and_runs_nothing(tiny_checkpoint, tmp_path, state_file):
+    from ddpo_ray.maths.advantages import AdvantageEstimator
+    from ddpo_ray.records.checkpoint import load_policy_weights, load_run_state
+
+    _, directory, *_ = tiny_checkpoint
+    marker = tmp_path / "code-ran"
+    torch.save({"use_lora": True, "weights": _Payload(marker)}, directory / state_file)
+    with pytest.raises(ValueError, match=rf"{state_file}: refused to load.*weights_only=True"):
+        if state_file == "learner_state.pt":
+            load_policy_weights(directory)  # the path of `evaluate --checkpoint`
+        else:
+            load_run_state(directory, AdvantageEstimator("per_prompt", 4, 1))  # the path of resume_from
+    assert not marker.exists()
+
+
+def test_a_rewrite_cut_short_leaves_no_complete_marker_and_no_half_file(tiny_checkpoint, monkeypatch):
+    """The fault (a failing write mid-checkpoint) is injected: a real kill cannot be timed here."""
+    from ddpo_ray.records import checkpoint
+    from ddpo_ray.records.run_dir import COMPLETE_MARKER
+
+    run_dir, directory, unet, optimizer, _ = tiny_checkpoint
+    old = (directory / checkpoint.LEARNER_STATE).read_bytes()
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_learner_state(directory, unet, True, optimizer)
+    assert not (directory / COMPLETE_MARKER).exists()
+    assert (directory / checkpoint.LEARNER_STATE).read_bytes() == old  # the old file, whole
+    assert run_dir.latest_checkpoint() is None  # `latest` skips it
+    with pytest.raises(FileNotFoundError, match=r"epoch_0000 has no COMPLETE marker.*cut short"):
+        checkpoint.resolve_resume_path(str(directory), run_dir)  # an explicit resume_from too
