@@ -62,6 +62,25 @@ def test_reward_weights(tmp_path):
         (["prompts.name=everything"], "everything"),
         (["cluster.learner_workers=3"], "cluster.learner_workers=3"),
         (["model.mixed_precision=fp8"], "model.mixed_precision"),
+        # Values that were accepted and failed late, or never (issue 15, item 13).
+        (["model.pretrained=/no/such/model"], "model.pretrained: '/no/such/model' is a local path but no such directory"),
+        (["model.pretrained=./models/missing"], "model.pretrained"),
+        (["train.learning_rate=.inf"], "train.learning_rate: Input should be a finite number"),
+        (["train.clip_range=.nan"], "train.clip_range: Input should be a finite number"),
+        (["eval.guard_margin=.inf"], "eval.guard_margin: Input should be a finite number"),
+        (["reward.timeout_s=.inf"], "reward.timeout_s: Input should be a finite number"),
+        (["reward.name=null", "reward.weights={jpeg_compressibility: .nan}"], "reward.weights.jpeg_compressibility"),
+        (["reward.name=null", "reward.weights={jpeg_compressibility: -.inf}"], "reward.weights.jpeg_compressibility"),
+        (["cluster.sampler_resources={sampler_node: -1}"], "cluster.sampler_resources: every amount must be > 0"),
+        (["cluster.gpus_per_learner_worker=-0.5"], "cluster.gpus_per_learner_worker"),
+        (["seed=-1"], "seed"),
+        (["seed=100000000000000000000000"], "seed: Input should be less than or equal to 4294967295"),
+        (["run_name=../elsewhere"], "run_name: '../elsewhere' is not a safe directory name"),
+        (["run_name=a/b"], "run_name"),
+        (["run_name=.."], "run_name"),
+        (['run_name="two\\nlines"'], "run_name"),
+        (["output_dir=''"], "output_dir"),
+        (["output_dir='  '"], "output_dir"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):
@@ -94,3 +113,10 @@ def test_default_run_names_do_not_collide_within_a_second():
     names = {cfg.resolved_run_name() for _ in range(50)}
     assert len(names) == 50
     assert all(name.startswith("tiny-") for name in names)
+
+
+def test_good_values_near_the_new_limits_pass(tmp_path):
+    (tmp_path / "model").mkdir()
+    cfg = build_config(overrides=["seed=4294967295", "run_name=sd15-aesthetic_v2.1", "model.pretrained=org/name",
+                                  f"model.pretrained={tmp_path / 'model'}", "cluster.sampler_resources={node: 0.5}"])
+    assert cfg.seed == 2**32 - 1 and cfg.run_name == "sd15-aesthetic_v2.1"

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import secrets
 import time
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ddpo_ray.infra.prompt_names import PROMPT_SET_NAMES, TINY_WORLD_PROMPT_SETS
 from ddpo_ray.infra.reward_names import REWARD_NAMES
@@ -29,9 +30,21 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names every bad field."""
 
 
+# model.pretrained values that are built in code, not loaded.
+BUILTIN_MODELS = ("tiny", "tiny-random", "sd15-random")
+SEED_MAX = 2**32 - 1  # numpy's seed range
+
+
 class _Section(BaseModel):
-    # Unknown keys are errors (a typo must not silently fall back to a default).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors (a typo must not silently fall back to a default). NaN and inf
+    # are refused in every float (learning rate, clip range, timeouts, weights, ...): each one
+    # either breaks training silently or turns a bounded wait into an endless one.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """A Hugging Face id is `name` or `org/name`; anything else path-shaped is meant as a directory."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
 
 
 class ModelConfig(_Section):
@@ -41,6 +54,18 @@ class ModelConfig(_Section):
         "init, for GPU timings), a Hugging Face id, or a local diffusers directory",
     )
     revision: str | None = None
+
+    @field_validator("pretrained")
+    @classmethod
+    def _local_model_exists(cls, value: str) -> str:
+        # Fail here, not inside the actors after Ray and Serve are up.
+        if value not in BUILTIN_MODELS and _looks_like_local_path(value) and not Path(value).expanduser().is_dir():
+            raise ValueError(
+                f"{value!r} is a local path but no such directory exists; expected a diffusers model "
+                f"directory, a Hugging Face id (org/name), or one of {list(BUILTIN_MODELS)}"
+            )
+        return value
+
     use_lora: bool = True
     lora_rank: int = Field(4, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
@@ -214,6 +239,14 @@ class ClusterConfig(_Section):
     cpus_per_learner_worker: float = Field(1.0, gt=0.0, description="also its torch threads (at least 1)")
     learner_max_failures: int = Field(2, ge=-1, description="worker-group restarts (Ray Train FailureConfig)")
     staleness: int = Field(0, ge=0, le=1, description="0: exact DDPO; 1: sample while training")
+    @field_validator("sampler_resources")
+    @classmethod
+    def _positive_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {name: amount for name, amount in value.items() if not amount > 0}
+        if bad:
+            raise ValueError(f"every amount must be > 0 (a Ray resource request), got {bad}")
+        return value
+
     weight_transport: Literal["object_store"] = Field(
         "object_store",
         description="how the learner's weights reach the samplers (ddpo_ray.distributed.weight_transport)",
@@ -223,8 +256,8 @@ class ClusterConfig(_Section):
 class DDPOConfig(_Section):
     preset: str = "tiny"
     run_name: str | None = Field(None, description="default: <preset>-<date>-<time>-<random hex>")
-    output_dir: str = "outputs"
-    seed: int = 0
+    output_dir: str = Field("outputs", min_length=1)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     num_epochs: int = Field(5, ge=1)
     save_freq: int = Field(1, ge=0, description="checkpoint every N epochs (0: only at the end)")
     resume_from: str | None = Field(None, description='a checkpoint dir, a run dir, or "latest"')
@@ -276,6 +309,26 @@ class DDPOConfig(_Section):
     def num_train_timesteps(self) -> int:
         """Denoising steps trained per sample (the first int(num_steps * fraction) of a shuffle)."""
         return int(self.sample.num_steps * self.train.timestep_fraction)
+
+    @field_validator("run_name")
+    @classmethod
+    def _one_path_component(cls, value: str | None) -> str | None:
+        # The run directory is output_dir/run_name: a name must not climb out of it or nest.
+        if value is None:
+            return value
+        if value in ("", ".", "..") or "/" in value or "\\" in value or not value.isprintable() or value != value.strip():
+            raise ValueError(
+                f"{value!r} is not a safe directory name; expected one path component: no '/', '\\', "
+                "control characters (newlines), surrounding spaces, and not '.' or '..'"
+            )
+        return value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_named(cls, value: str) -> str:
+        if not value.strip() or not value.isprintable():
+            raise ValueError(f"{value!r}: expected a directory path (not blank, no control characters)")
+        return value
 
     @model_validator(mode="after")
     def _known_trackers(self) -> "DDPOConfig":
