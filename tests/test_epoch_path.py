@@ -126,6 +126,14 @@ def test_checkpoints_hold_the_same_state_in_both_loops(both_runs):
         assert (twin / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_each_checkpoint_is_stored_once(both_runs):
+    """Ray Train used to keep a copy of every reported checkpoint under <run>/ray_train that nothing read."""
+    ray_root, _ = both_runs["ray"]
+    copies = [p for p in ray_root.rglob("*") if p.is_file() and "ray_train" in p.relative_to(ray_root).parts
+              and p.name in (LEARNER_STATE, "pytorch_lora_weights.safetensors")]
+    assert copies == []
+
+
 def test_both_loops_write_the_same_files(both_runs):
     (ray_root, _), (local_root, _) = both_runs["ray"], both_runs["local"]
 

@@ -356,3 +356,25 @@ def test_a_rewrite_cut_short_leaves_no_complete_marker_and_no_half_file(tiny_che
     assert run_dir.latest_checkpoint() is None  # `latest` skips it
     with pytest.raises(FileNotFoundError, match=r"epoch_0000 has no COMPLETE marker.*cut short"):
         checkpoint.resolve_resume_path(str(directory), run_dir)  # an explicit resume_from too
+
+
+def _complete(run_dir, epoch):
+    run_dir.checkpoint_path(epoch).mkdir(parents=True)
+    (run_dir.checkpoint_path(epoch) / "learner_state.pt").write_bytes(b"x")
+    run_dir.mark_checkpoint_complete(epoch)
+
+
+def test_prune_keeps_the_newest_complete_checkpoints_best_and_those_in_progress(run_dir):
+    for epoch in range(5):
+        _complete(run_dir, epoch)
+    run_dir.best_dir.mkdir()
+    (run_dir.best_dir / "best.json").write_text("{}")
+    run_dir.checkpoint_path(5).mkdir()  # the learner's next one, not complete yet
+    removed = run_dir.prune_checkpoints(2)
+    assert [p.name for p in removed] == ["epoch_0000", "epoch_0001", "epoch_0002"]
+    assert sorted(p.name for p in run_dir.checkpoints_dir.iterdir()) == ["best", "epoch_0003", "epoch_0004", "epoch_0005"]
+    assert run_dir.latest_checkpoint() == run_dir.checkpoint_path(4)
+    assert run_dir.prune_checkpoints(0) == [] and len(run_dir.list_checkpoints()) == 2  # 0: keep all
+    assert [p.name for p in run_dir.prune_checkpoints(1)] == ["epoch_0003"]
+    with pytest.raises(ValueError, match="keep_last_n"):
+        run_dir.prune_checkpoints(-1)

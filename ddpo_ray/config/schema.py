@@ -260,6 +260,11 @@ class DDPOConfig(_Section):
     seed: int = Field(0, ge=0, le=SEED_MAX)
     num_epochs: int = Field(5, ge=1)
     save_freq: int = Field(1, ge=0, description="checkpoint every N epochs (0: only at the end)")
+    keep_last_n: int = Field(
+        3, ge=0,
+        description="epoch checkpoints kept: the newest N complete ones, older ones are deleted (0: keep all); "
+        "checkpoints/best is never deleted",
+    )
     resume_from: str | None = Field(None, description='a checkpoint dir, a run dir, or "latest"')
     metrics: bool = Field(True, description="export the ddpo_* Prometheus metrics (see ddpo_ray.records.metrics)")
     trackers: list[str] = Field(

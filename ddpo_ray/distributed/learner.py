@@ -4,10 +4,11 @@ Each worker holds the frozen pipeline and the trainable LoRA (DDP over the LoRA 
 there are several workers). Per epoch it pulls its shard from the `EpochExchange`, runs the
 PPO passes of `ddpo_ray.training.steps.train_inner_epochs` (the single-process loop's code), and reports
 metrics with `ray.train.report`; rank 0 publishes the new policy version through the weight
-transport and writes the learner's half of checkpoints (`ddpo_ray.records.checkpoint.save_learner_state`), which
-it also reports to Ray Train. A worker group that Ray Train restarts after a failure
-(`FailureConfig`) resumes from the newest of those checkpoints and pulls the following epochs
-again (`learner_restarts` in the metrics counts restarts).
+transport and writes the learner's half of checkpoints (`ddpo_ray.records.checkpoint.save_learner_state`) into
+the run directory, the one copy (none is reported to Ray Train). A worker group that Ray Train
+restarts after a failure (`FailureConfig`) resumes from the newest of those checkpoints, as the
+exchange records them, and pulls the following epochs again (`learner_restarts` in the metrics
+counts restarts).
 
 The driver side is `Learner`: it runs `TorchTrainer.fit()` on a background thread (fit blocks
 until training ends) and talks to the workers only through the exchange.
@@ -118,12 +119,13 @@ def learner_loop(config: dict[str, Any]) -> None:
         publish(epoch + 1, metrics)
         last_trained = epoch
 
-        checkpoint = None
-        if checkpoint_due(cfg, epoch) and rank == 0:
+        saved = checkpoint_due(cfg, epoch) and rank == 0
+        if saved:
             save_learner_state(run_dir.checkpoint_path(epoch), pipe.unet, cfg.model.use_lora, optimizer)
-            checkpoint = ray.train.Checkpoint.from_directory(run_dir.checkpoint_path(epoch))
-        ray.train.report({"epoch": epoch, **metrics}, checkpoint=checkpoint)  # a barrier for all ranks
-        if checkpoint is not None:
+        # No checkpoint goes to Ray Train: a restart reads the exchange's (above), so Ray Train's
+        # copy under <run>/ray_train was a second copy of every checkpoint that nothing read.
+        ray.train.report({"epoch": epoch, **metrics})  # a barrier for all ranks
+        if saved:
             ray.get(exchange.put_checkpoint.remote(epoch, str(run_dir.checkpoint_path(epoch))))
 
     # A run stopped early (the guard) asks for a checkpoint of the last epoch it recorded.

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -244,6 +245,24 @@ class RunDirectory:
         """The newest complete checkpoint, or None if there is none yet."""
         checkpoints = self.list_checkpoints()
         return checkpoints[-1][1] if checkpoints else None
+
+    def prune_checkpoints(self, keep_last_n: int) -> list[Path]:
+        """Delete all but the newest `keep_last_n` complete epoch checkpoints (0: keep all); returns the deleted.
+
+        checkpoints/best and checkpoints still being written (no COMPLETE yet, e.g. the learner's
+        next one at staleness 1) are never touched, and the newest complete one, which
+        `resume_from=latest` takes, is always kept. COMPLETE goes first, so a deletion cut short
+        leaves a directory that is ignored, never a damaged checkpoint that counts.
+        """
+        if keep_last_n < 0:
+            raise ValueError(f"keep_last_n: expected >= 0 (0 keeps every checkpoint), got {keep_last_n}")
+        if keep_last_n == 0:
+            return []
+        doomed = [path for _, path in self.list_checkpoints()[:-keep_last_n]]
+        for path in doomed:
+            (path / COMPLETE_MARKER).unlink(missing_ok=True)
+            shutil.rmtree(path)
+        return doomed
 
     def mark_checkpoint_complete(self, epoch: int) -> None:
         """Write the COMPLETE marker; call it after every other file of the checkpoint is written."""

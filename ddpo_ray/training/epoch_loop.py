@@ -260,6 +260,8 @@ class EpochLoop:
             atomic_write(directory / MODEL_CARD, card.encode("utf-8"))
         self.run_dir.mark_checkpoint_complete(epoch)
         self.last_checkpoint = epoch
+        for pruned in self.run_dir.prune_checkpoints(self.cfg.keep_last_n):
+            log.debug("deleted checkpoint %s (keep_last_n=%d)", pruned.name, self.cfg.keep_last_n)
 
     def _checkpoint_on_stop(self) -> None:
         """A guard stop checkpoints the last finished epoch, so `resume_from=latest` starts there."""
