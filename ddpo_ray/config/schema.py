@@ -234,10 +234,20 @@ class ClusterConfig(_Section):
         default_factory=dict, description='extra Ray resources per sampler, e.g. {"sampler_node": 1}'
     )
     sampler_max_restarts: int = Field(3, ge=-1, description="-1: restart without limit")
+    placement_timeout_s: float = Field(
+        900.0, gt=0.0,
+        description="the samplers must be placed and have loaded their pipelines within this, else the run "
+        "stops with an error naming what they asked for (an autoscaler may add nodes meanwhile)",
+    )
     learner_workers: int = Field(1, ge=1)
     gpus_per_learner_worker: float = Field(0.0, ge=0.0)
     cpus_per_learner_worker: float = Field(1.0, gt=0.0, description="also its torch threads (at least 1)")
     learner_max_failures: int = Field(2, ge=-1, description="worker-group restarts (Ray Train FailureConfig)")
+    learner_timeout_s: float = Field(
+        3600.0, gt=0.0,
+        description="the driver waits at most this for the learner's next policy version or checkpoint "
+        "(one epoch's training, plus start-up and placement for the first), then stops with an error",
+    )
     staleness: int = Field(0, ge=0, le=1, description="0: exact DDPO; 1: sample while training")
     @field_validator("sampler_resources")
     @classmethod

@@ -135,6 +135,9 @@ def learner_loop(config: dict[str, Any]) -> None:
         ray.get(exchange.put_checkpoint.remote(final, str(run_dir.checkpoint_path(final))))
 
 
+_EXCHANGE_SLACK_S = 60.0  # beyond a wait's own deadline, for the exchange to answer at all
+
+
 class Learner:
     """The driver's handle on the learner: start it, feed it epochs, read back policies."""
 
@@ -144,6 +147,7 @@ class Learner:
 
         self.exchange = EpochExchange.remote()
         cluster = cfg.cluster
+        self.timeout_s = cluster.learner_timeout_s
         use_gpu = cluster.gpus_per_learner_worker > 0
         resources = {"CPU": cluster.cpus_per_learner_worker}
         if use_gpu:
@@ -180,20 +184,29 @@ class Learner:
             self.error = exc
             ray.get(self.exchange.fail.remote(f"{type(exc).__name__}: {exc}"))
 
+    def _get(self, ref: Any, timeout_s: float, what: str) -> Any:
+        """ray.get with a deadline: the exchange answers waits itself; this covers an exchange that hangs."""
+        try:
+            return ray.get(ref, timeout=timeout_s + _EXCHANGE_SLACK_S)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"the epoch exchange did not answer {what} within {timeout_s + _EXCHANGE_SLACK_S:g} s") from None
+
     def put_epoch(self, epoch: int, shards: list[EpochShard]) -> None:
-        ray.get(self.exchange.put_epoch.remote(epoch, shards))
+        self._get(self.exchange.put_epoch.remote(epoch, shards), 0.0, f"put_epoch({epoch})")
 
     def policy(self, version: int, timeout_s: float | None = None) -> PublishedPolicy:
-        """Policy `version` (waits for the learner to publish it)."""
-        return ray.get(self.exchange.get_policy.remote(version, timeout_s))
+        """Policy `version` (waits for the learner to publish it, at most cluster.learner_timeout_s)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        return self._get(self.exchange.get_policy.remote(version, timeout_s), timeout_s, f"policy({version})")
 
     def checkpoint(self, epoch: int, timeout_s: float | None = None) -> Path:
-        """The directory of checkpoint `epoch` once the learner's half is written."""
-        return Path(ray.get(self.exchange.get_checkpoint.remote(epoch, timeout_s)))
+        """The directory of checkpoint `epoch` once the learner's half is written (same deadline)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        return Path(self._get(self.exchange.get_checkpoint.remote(epoch, timeout_s), timeout_s, f"checkpoint({epoch})"))
 
     def stop(self, checkpoint_epoch: int | None = None) -> None:
         """No more epochs; with `checkpoint_epoch`, rank 0 first checkpoints that (last trained) epoch."""
-        ray.get(self.exchange.stop.remote(checkpoint_epoch))
+        self._get(self.exchange.stop.remote(checkpoint_epoch), 0.0, "stop")
 
     def finish(self, timeout_s: float = 300.0) -> None:
         """Stop the workers (they finish their loop) and wait for fit() to return."""
