@@ -6,6 +6,11 @@ restarts, `cluster.sampler_max_restarts`) is re-issued to the next sampler; sinc
 is keyed by (seed, epoch, batch), the re-issued batch is the same batch. Every task carries the
 weights it is sampled with, so a batch is never older than asked. So an epoch always has exactly
 `sample.num_batches_per_epoch` batches, none lost, none doubled.
+
+Or it stops with a `SamplingError` naming the sampler and the batch: when a sampler's `sample`
+raises (it is alive, so re-issuing would only fail again), or when a batch has been tried once
+per life of every sampler (`cluster.sampler_max_restarts`). Samplers that cannot be placed stop
+the pool's start after `cluster.placement_timeout_s`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from ddpo_ray.distributed.sampler import SamplerActor, SampleTask, SamplingError
 from ddpo_ray.distributed.weight_transport import PolicyWeights
 
 _SAMPLER_LOST = (RayActorError, ActorUnavailableError)
+_MAX_UNAVAILABLE = 120  # x the back-off: how long an epoch waits out samplers Ray calls unavailable
+_UNAVAILABLE_BACKOFF_S = 1.0
 
 
 class SamplerPlacementError(RuntimeError):
@@ -108,6 +115,7 @@ class SamplerPool:
         done: dict[int, tuple[Any, ScoredBatch]] = {}
         reissued = 0
         attempts: dict[int, int] = {}  # batch_index -> tries so far, for those tried more than once
+        unavailable = 0  # ActorUnavailableError answers this epoch (transient, so not a spent life)
         events: list[str] = []
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
@@ -116,8 +124,18 @@ class SamplerPool:
             try:
                 scored: ScoredBatch = ray.get(ready[0])
             except _SAMPLER_LOST as exc:
-                attempts[task.batch_index] = attempts.get(task.batch_index, 1) + 1
-                if attempts[task.batch_index] > self.max_attempts:
+                if isinstance(exc, ActorUnavailableError):  # reachable again soon (Ray says): wait, bounded
+                    unavailable += 1
+                    if unavailable > _MAX_UNAVAILABLE:
+                        raise SamplingError(
+                            f"batch {task.batch_index} of epoch {task.epoch}: Ray answered that a sampler was "
+                            f"unavailable {unavailable} times this epoch ({_UNAVAILABLE_BACKOFF_S:g} s apart); "
+                            f"last: {sampler}"
+                        ) from None
+                    time.sleep(_UNAVAILABLE_BACKOFF_S)
+                else:  # the actor died: one of its lives is spent on this batch
+                    attempts[task.batch_index] = attempts.get(task.batch_index, 1) + 1
+                if attempts.get(task.batch_index, 1) > self.max_attempts:
                     raise SamplingError(
                         f"batch {task.batch_index} of epoch {task.epoch}: every sampler was lost on it "
                         f"({self.max_attempts} attempts over {len(self.actors)} samplers, "
