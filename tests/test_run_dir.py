@@ -378,3 +378,17 @@ def test_prune_keeps_the_newest_complete_checkpoints_best_and_those_in_progress(
     assert [p.name for p in run_dir.prune_checkpoints(1)] == ["epoch_0003"]
     with pytest.raises(ValueError, match="keep_last_n"):
         run_dir.prune_checkpoints(-1)
+
+
+def test_a_process_that_cannot_see_the_run_directory_refuses_to_write_a_partial_copy(tmp_path):
+    """What a learner worker on a node without the shared filesystem meets (injected here: one
+    machine always sees its own files): it must fail, not create a second run directory."""
+    from ddpo_ray.records.run_dir import check_run_dir_visible
+
+    elsewhere = tmp_path / "not-mounted-here" / "run"
+    with pytest.raises(FileNotFoundError, match=r"learner worker 0: the run directory .*run \(its config.yaml\) "
+                                                r"is not visible here.*filesystem every node mounts"):
+        check_run_dir_visible(elsewhere, "learner worker 0")
+    assert not elsewhere.exists()
+    RunDirectory(tmp_path / "run").write_config({"seed": 0})
+    check_run_dir_visible(tmp_path / "run", "learner worker 0")

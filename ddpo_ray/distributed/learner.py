@@ -36,7 +36,7 @@ from ddpo_ray.maths.sharding import EpochShard
 from ddpo_ray.models.lora import trainable_state_dict
 from ddpo_ray.models.pipelines import load_pipeline
 from ddpo_ray.records.checkpoint import load_learner_state, save_learner_state
-from ddpo_ray.records.run_dir import RunDirectory
+from ddpo_ray.records.run_dir import RunDirectory, check_run_dir_visible
 from ddpo_ray.training.epoch_loop import checkpoint_due
 from ddpo_ray.training.collectives import mean_over_ranks, reduction_device
 from ddpo_ray.training.steps import make_trainer_state, train_inner_epochs
@@ -60,9 +60,11 @@ def learner_loop(config: dict[str, Any]) -> None:
 
     cfg = DDPOConfig.model_validate(config["cfg"])
     exchange = config["exchange"]
-    run_dir = RunDirectory(config["run_dir"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    # Before RunDirectory(), which would create a local, partial copy on a node that cannot see it.
+    check_run_dir_visible(config["run_dir"], f"learner worker {rank} on node {ray.get_runtime_context().get_node_id()}")
+    run_dir = RunDirectory(config["run_dir"])
     match_torch_threads_to_cpus()  # one torch thread per CPU this worker reserved
     device = ray.train.torch.get_device()
 
