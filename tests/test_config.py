@@ -67,7 +67,7 @@ def test_reward_weights(tmp_path):
         (["model.pretrained=./models/missing"], "model.pretrained"),
         (["train.learning_rate=.inf"], "train.learning_rate: Input should be a finite number"),
         (["train.clip_range=.nan"], "train.clip_range: Input should be a finite number"),
-        (["eval.guard_margin=.inf"], "eval.guard_margin: Input should be a finite number"),
+        (["eval.guard_margin=.inf"], "eval.guard_margin: inf is refused (NaN/inf are, in every float); use null"),
         (["reward.timeout_s=.inf"], "reward.timeout_s: Input should be a finite number"),
         (["reward.name=null", "reward.weights={jpeg_compressibility: .nan}"], "reward.weights.jpeg_compressibility"),
         (["reward.name=null", "reward.weights={jpeg_compressibility: -.inf}"], "reward.weights.jpeg_compressibility"),
@@ -120,3 +120,16 @@ def test_good_values_near_the_new_limits_pass(tmp_path):
     cfg = build_config(overrides=["seed=4294967295", "run_name=sd15-aesthetic_v2.1", "model.pretrained=org/name",
                                   f"model.pretrained={tmp_path / 'model'}", "cluster.sampler_resources={node: 0.5}"])
     assert cfg.seed == 2**32 - 1 and cfg.run_name == "sd15-aesthetic_v2.1"
+    assert build_config(overrides=["eval.guard_margin=null"]).eval.guard_margin is None  # record, never stop
+
+
+def test_a_null_guard_margin_records_the_guard_and_never_stops():
+    """What eval.guard_margin=.inf meant before NaN/inf were refused (the benches' 'record, never stop')."""
+    from ddpo_ray.training.evaluation import EvalTracker
+
+    cfg = build_config(overrides=["eval.rewards=[aesthetic]", "eval.guard_reward=aesthetic", "eval.guard_margin=null"])
+    tracker = EvalTracker(cfg)
+    out = [tracker.update(v, {"eval_reward_mean": r, "eval_aesthetic_mean": g})
+           for v, (r, g) in enumerate([(-3.0, 5.0), (-2.0, 1.0), (-1.0, -100.0)])]
+    assert [o["eval_guard_stop"] for o in out] == [False, False, False] and not tracker.stopped
+    assert out[-1]["eval_guard_drop"] == pytest.approx(105.0) and out[-1]["eval_best_version"] == 2

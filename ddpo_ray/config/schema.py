@@ -9,6 +9,7 @@ typo fails in a second instead of after the cluster has started. Names follow dd
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from pathlib import Path
@@ -211,12 +212,22 @@ class EvalConfig(_Section):
     guard_reward: str | None = Field(
         None, description="a reward that must not fall (over-optimisation guard); scored on eval images"
     )
-    guard_margin: float = Field(
-        0.0, ge=0.0, description="stop when the guard's eval mean falls more than this below its best so far"
+    guard_margin: float | None = Field(
+        0.0, ge=0.0,
+        description="stop when the guard's eval mean falls more than this below its best so far; null: "
+        "record the guard's fall, never stop on it",
     )
     best_metric: str = Field(
         "eval_reward_mean", description="eval key whose maximum picks the `best` checkpoint"
     )
+
+    @field_validator("guard_margin", mode="before")
+    @classmethod
+    def _finite_margin(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{value} is refused (NaN/inf are, in every float); use null to record the guard "
+                             "without ever stopping on it")
+        return value
 
     @model_validator(mode="after")
     def _known_rewards(self) -> "EvalConfig":
