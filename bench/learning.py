@@ -39,7 +39,7 @@ def run_seed(preset: str, seed: int, epochs: int | None, out: Path, overrides: l
     """One run; its held-out record overall, per group and for each extra eval reward."""
     name = f"{preset}-seed{seed}"
     cfg = build_config(preset, overrides=[
-        f"seed={seed}", "save_freq=0", "metrics=false", "eval.every=1", "eval.guard_margin=.inf",
+        f"seed={seed}", "save_freq=0", "metrics=false", "eval.every=1", "eval.guard_margin=null",
         f"output_dir={out}", f"run_name={name}", *([f"num_epochs={epochs}"] if epochs else []), *overrides,
     ])
     start = time.perf_counter()

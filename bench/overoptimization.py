@@ -48,9 +48,9 @@ ARMS = ("plain", "kl", "guard")
 def arm_config(preset: str, arm: str, args, out: Path, base_gold_std: float | None) -> DDPOConfig:
     gold = GOLD[preset]
     if arm == "plain":
-        arm_overrides = ["eval.guard_margin=.inf"]
+        arm_overrides = ["eval.guard_margin=null"]
     elif arm == "kl":
-        arm_overrides = [f"train.kl_coef={args.kl_coef}", "eval.guard_margin=.inf"]
+        arm_overrides = [f"train.kl_coef={args.kl_coef}", "eval.guard_margin=null"]
     elif base_gold_std is None:
         raise ValueError("the guard arm needs the plain arm's base gold spread (run plain first)")
     else:

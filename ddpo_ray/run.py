@@ -20,6 +20,7 @@ from typing import Sequence
 
 from ddpo_ray.config import ConfigError, add_config_arguments, config_from_args
 from ddpo_ray.infra.logs import setup_console_logging
+from ddpo_ray.records.run_dir import RunDirectoryExistsError, check_new_run
 from ddpo_ray.records.trackers import TrackerNotInstalledError, check_trackers_installed
 
 log = logging.getLogger("ddpo_ray.run")
@@ -51,6 +52,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.run"
         return 2
     if cfg.run_name is None:
         cfg.run_name = cfg.resolved_run_name()  # one name for the whole run (it is time-stamped)
+    try:
+        check_new_run(f"{cfg.output_dir}/{cfg.run_name}", cfg.resume_from)  # before Ray or a model starts
+    except RunDirectoryExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     import ray
     from ray import serve

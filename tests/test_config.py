@@ -62,6 +62,25 @@ def test_reward_weights(tmp_path):
         (["prompts.name=everything"], "everything"),
         (["cluster.learner_workers=3"], "cluster.learner_workers=3"),
         (["model.mixed_precision=fp8"], "model.mixed_precision"),
+        # Values that were accepted and failed late, or never (issue 15, item 13).
+        (["model.pretrained=/no/such/model"], "model.pretrained: '/no/such/model' is a local path but no such directory"),
+        (["model.pretrained=./models/missing"], "model.pretrained"),
+        (["train.learning_rate=.inf"], "train.learning_rate: Input should be a finite number"),
+        (["train.clip_range=.nan"], "train.clip_range: Input should be a finite number"),
+        (["eval.guard_margin=.inf"], "eval.guard_margin: inf is refused (NaN/inf are, in every float); use null"),
+        (["reward.timeout_s=.inf"], "reward.timeout_s: Input should be a finite number"),
+        (["reward.name=null", "reward.weights={jpeg_compressibility: .nan}"], "reward.weights.jpeg_compressibility"),
+        (["reward.name=null", "reward.weights={jpeg_compressibility: -.inf}"], "reward.weights.jpeg_compressibility"),
+        (["cluster.sampler_resources={sampler_node: -1}"], "cluster.sampler_resources: every amount must be > 0"),
+        (["cluster.gpus_per_learner_worker=-0.5"], "cluster.gpus_per_learner_worker"),
+        (["seed=-1"], "seed"),
+        (["seed=100000000000000000000000"], "seed: Input should be less than or equal to 4294967295"),
+        (["run_name=../elsewhere"], "run_name: '../elsewhere' is not a safe directory name"),
+        (["run_name=a/b"], "run_name"),
+        (["run_name=.."], "run_name"),
+        (['run_name="two\\nlines"'], "run_name"),
+        (["output_dir=''"], "output_dir"),
+        (["output_dir='  '"], "output_dir"),
     ],
 )
 def test_bad_values_name_the_field(overrides, field):
@@ -87,3 +106,30 @@ def test_bad_files_and_override_syntax(tmp_path):
         build_config(overrides=["seed.x=1"])
     with pytest.raises(ConfigError, match="preset='nope'"):
         build_config(preset="nope")
+
+
+def test_default_run_names_do_not_collide_within_a_second():
+    cfg = DDPOConfig()
+    names = {cfg.resolved_run_name() for _ in range(50)}
+    assert len(names) == 50
+    assert all(name.startswith("tiny-") for name in names)
+
+
+def test_good_values_near_the_new_limits_pass(tmp_path):
+    (tmp_path / "model").mkdir()
+    cfg = build_config(overrides=["seed=4294967295", "run_name=sd15-aesthetic_v2.1", "model.pretrained=org/name",
+                                  f"model.pretrained={tmp_path / 'model'}", "cluster.sampler_resources={node: 0.5}"])
+    assert cfg.seed == 2**32 - 1 and cfg.run_name == "sd15-aesthetic_v2.1"
+    assert build_config(overrides=["eval.guard_margin=null"]).eval.guard_margin is None  # record, never stop
+
+
+def test_a_null_guard_margin_records_the_guard_and_never_stops():
+    """What eval.guard_margin=.inf meant before NaN/inf were refused (the benches' 'record, never stop')."""
+    from ddpo_ray.training.evaluation import EvalTracker
+
+    cfg = build_config(overrides=["eval.rewards=[aesthetic]", "eval.guard_reward=aesthetic", "eval.guard_margin=null"])
+    tracker = EvalTracker(cfg)
+    out = [tracker.update(v, {"eval_reward_mean": r, "eval_aesthetic_mean": g})
+           for v, (r, g) in enumerate([(-3.0, 5.0), (-2.0, 1.0), (-1.0, -100.0)])]
+    assert [o["eval_guard_stop"] for o in out] == [False, False, False] and not tracker.stopped
+    assert out[-1]["eval_guard_drop"] == pytest.approx(105.0) and out[-1]["eval_best_version"] == 2

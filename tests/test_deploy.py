@@ -104,13 +104,43 @@ def published_container_ports(service: dict) -> set[int]:
 
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed (make test installs it)")
 def test_docker_compose_validates():
-    env = {**os.environ, "RAY_AUTH_TOKEN": "test-token"}
+    env = {**os.environ, "RAY_AUTH_TOKEN": "test-token", "GRAFANA_ADMIN_PASSWORD": "test-password"}
+    for name in ("DDPO_BIND_ADDRESS", "GRAFANA_ANONYMOUS"):
+        env.pop(name, None)
     result = subprocess.run(["docker-compose", "config", "-q"], cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    # Without the token the file refuses to start a cluster (token auth is on).
-    env.pop("RAY_AUTH_TOKEN")
-    result = subprocess.run(["docker-compose", "config", "-q"], cwd=REPO, env=env, capture_output=True, text=True)
-    assert result.returncode != 0 and "RAY_AUTH_TOKEN" in result.stderr
+    # Without the token the file refuses to start a cluster (token auth is on), and without a
+    # Grafana admin password it refuses to start Grafana (there is no default one).
+    for required in ("RAY_AUTH_TOKEN", "GRAFANA_ADMIN_PASSWORD"):
+        missing = {k: v for k, v in env.items() if k != required}
+        result = subprocess.run(["docker-compose", "config", "-q"], cwd=REPO, env=missing, capture_output=True, text=True)
+        assert result.returncode != 0 and required in result.stderr
+
+
+def _resolved_compose(env: dict[str, str]) -> dict:
+    result = subprocess.run(["docker-compose", "config"], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "RAY_AUTH_TOKEN": "t", "GRAFANA_ADMIN_PASSWORD": "p", **env})
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)["services"]
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is not installed (make test installs it)")
+def test_docker_compose_publishes_on_loopback_and_grafana_needs_a_login_by_default(monkeypatch):
+    monkeypatch.delenv("DDPO_BIND_ADDRESS", raising=False)
+    monkeypatch.delenv("GRAFANA_ANONYMOUS", raising=False)
+    services = _resolved_compose({})
+    published = {name: [str(p) for p in s.get("ports", [])] for name, s in services.items()}
+    assert sum(map(len, published.values())) == 4, published  # 8265, 8000, 9090, 3000
+    for name, ports in published.items():
+        for port in ports:
+            assert port.startswith("127.0.0.1:"), (name, port)  # job submission runs any code
+    grafana = services["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == "p" and grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    # Opening them up is one documented switch each.
+    opened = _resolved_compose({"DDPO_BIND_ADDRESS": "0.0.0.0", "GRAFANA_ANONYMOUS": "true"})
+    assert all(str(p).startswith("0.0.0.0:") for s in opened.values() for p in s.get("ports", []))
+    assert opened["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert "DDPO_BIND_ADDRESS" in COMPOSE.read_text() and "GRAFANA_ADMIN_PASSWORD" in COMPOSE.read_text()
 
 
 def test_docker_compose_builds_from_files_in_the_repo():

@@ -115,15 +115,23 @@ def test_checkpoints_hold_the_same_state_in_both_loops(both_runs):
     (ray_root, _), (local_root, _) = both_runs["ray"], both_runs["local"]
     for directory in sorted((local_root / "checkpoints").glob("epoch_*")):
         twin = ray_root / "checkpoints" / directory.name
-        local_run = torch.load(directory / RUN_STATE, weights_only=False)
-        ray_run = torch.load(twin / RUN_STATE, weights_only=False)
+        local_run = torch.load(directory / RUN_STATE, weights_only=True)
+        ray_run = torch.load(twin / RUN_STATE, weights_only=True)
         assert (local_run["epoch"], local_run["policy_version"]) == (ray_run["epoch"], ray_run["policy_version"])
         assert local_run["advantages"].keys() == ray_run["advantages"].keys()
-        local_learner = torch.load(directory / LEARNER_STATE, weights_only=False)
-        ray_learner = torch.load(twin / LEARNER_STATE, weights_only=False)
+        local_learner = torch.load(directory / LEARNER_STATE, weights_only=True)
+        ray_learner = torch.load(twin / LEARNER_STATE, weights_only=True)
         for name, tensor in local_learner["weights"].items():
             torch.testing.assert_close(ray_learner["weights"][name], tensor, rtol=1e-3, atol=1e-5)
         assert (twin / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_each_checkpoint_is_stored_once(both_runs):
+    """Ray Train used to keep a copy of every reported checkpoint under <run>/ray_train that nothing read."""
+    ray_root, _ = both_runs["ray"]
+    copies = [p for p in ray_root.rglob("*") if p.is_file() and "ray_train" in p.relative_to(ray_root).parts
+              and p.name in (LEARNER_STATE, "pytorch_lora_weights.safetensors")]
+    assert copies == []
 
 
 def test_both_loops_write_the_same_files(both_runs):

@@ -22,7 +22,7 @@ SMALL = [
 
 @pytest.mark.slow
 def test_loop_writes_the_run_directory_and_a_loadable_lora(tmp_path):
-    cfg = build_config(overrides=SMALL + ["num_epochs=2", "run_name=r", f"output_dir={tmp_path}"])
+    cfg = build_config(overrides=SMALL + ["num_epochs=2", "run_name=r", f"output_dir={tmp_path}", "keep_last_n=1"])
     history = run(cfg)
     root = tmp_path / "r"
     assert [m["epoch"] for m in history] == [0, 1]
@@ -34,6 +34,7 @@ def test_loop_writes_the_run_directory_and_a_loadable_lora(tmp_path):
                  "checkpoints/epoch_0001/COMPLETE", "checkpoints/epoch_0001/learner_state.pt",
                  "checkpoints/epoch_0001/run_state.pt"):
         assert (root / name).is_file(), name
+    assert sorted(p.name for p in (root / "checkpoints").glob("epoch_*")) == ["epoch_0001"]  # keep_last_n=1
 
     pipe = load_tiny_pipeline()
     kwargs = dict(num_steps=3, guidance_scale=5.0, eta=1.0, resolution=64)

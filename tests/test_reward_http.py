@@ -156,6 +156,37 @@ def test_parser_rejects_bad_requests(case, raw, status, message):
     assert message in str(info.value)
 
 
+def test_the_metadata_scan_does_not_grow_with_the_elements_under_a_long_key():
+    """Measured before: this 29 KiB body (a 10,000-character key over 10,000 list elements)
+    peaked at ~97 MiB, a path string per element; now the scan holds only the path it is on."""
+    import tracemalloc
+
+    key = "k" * 10_000
+    body = json.dumps({"images": [GOOD], "prompts": ["x"], "metadata": [{key: [0] * 10_000}]}).encode()
+    assert len(body) < 64 * 2**10
+    tracemalloc.start()
+    parse_request_body(body, LIMITS)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.1f} MiB to parse a {len(body) / 2**10:.0f} KiB body"
+    nan = json.dumps({"images": [GOOD], "prompts": ["x"], "metadata": [{key: [0] * 10_000 + [1]}]})
+    with pytest.raises(RewardInputError, match=r"metadata\[0\]\['kkk.*\.\.\.'\]\[10000\] is NaN") as info:
+        parse_request_body(nan.replace(", 1]", ", NaN]").encode(), LIMITS)
+    assert len(str(info.value)) < 300
+
+
+def test_prompts_are_checked_before_any_image_is_decoded(monkeypatch):
+    """A request with too-long prompts is refused without decoding its (up to 64) images."""
+    from reward_services import http_api
+
+    decoded = []
+    monkeypatch.setattr(http_api, "decode_image", lambda i, encoded, limits: decoded.append(i))
+    body = json.dumps({"images": [GOOD] * 8, "prompts": ["p" * (LIMITS.max_prompt_chars + 1)] * 8}).encode()
+    with pytest.raises(RewardInputError, match=r"prompts\[0\] has 1001 characters; expected at most 1000"):
+        parse_request_body(body, LIMITS)
+    assert decoded == []
+
+
 def test_parser_decodes_png_jpeg_and_data_urls():
     jpeg = jpeg_bytes(IMAGE)
     raw = json.dumps(

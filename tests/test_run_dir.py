@@ -229,3 +229,166 @@ def test_checkpoints_listing_ignores_incomplete(run_dir):
 def test_mark_checkpoint_complete_requires_directory(run_dir):
     with pytest.raises(FileNotFoundError, match="epoch_0005"):
         run_dir.mark_checkpoint_complete(5)
+
+
+# --- a new run never lands in an earlier run's directory ---------------------------------
+
+
+def _earlier_run(root):
+    earlier = RunDirectory(root)
+    earlier.write_config({"seed": 0})
+    earlier.append_metrics({"epoch": 0, "reward_mean": 1.0})
+    return earlier
+
+
+def test_a_new_run_refuses_an_existing_run_directory(tmp_path):
+    from ddpo_ray.records.run_dir import RunDirectoryExistsError, check_new_run
+
+    root = tmp_path / "outputs" / "r"
+    check_new_run(root, None)  # nothing there yet
+    RunDirectory(root)
+    check_new_run(root, None)  # empty layout only: nothing to lose
+    _earlier_run(root)
+    with pytest.raises(RunDirectoryExistsError, match=r"run directory .*outputs/r already holds a run.*resume_from=latest.*run_name"):
+        check_new_run(root, None)
+    check_new_run(root, "latest")  # a resume continues it
+    only_checkpoints = tmp_path / "outputs" / "c"
+    RunDirectory(only_checkpoints).checkpoint_path(0).mkdir()
+    with pytest.raises(RunDirectoryExistsError, match="checkpoints"):
+        check_new_run(only_checkpoints, None)
+
+
+def test_the_epoch_loop_and_the_cli_refuse_to_merge_into_an_earlier_run(tmp_path):
+    """Measured before: a second run appended epochs 0, 1 to the old 0, 1, 2."""
+    from ddpo_ray.config import build_config
+    from ddpo_ray.local import main as local_main
+    from ddpo_ray.records.run_dir import RunDirectoryExistsError
+    from ddpo_ray.training.epoch_loop import EpochLoop
+
+    _earlier_run(tmp_path / "r")
+    before = (tmp_path / "r" / "metrics.jsonl").read_bytes()
+    cfg = build_config(overrides=[f"output_dir={tmp_path}", "run_name=r", "metrics=false"])
+    with pytest.raises(RunDirectoryExistsError, match="resume_from"):
+        EpochLoop(cfg, backend=None, exporter="off")
+    assert local_main([f"output_dir={tmp_path}", "run_name=r", "metrics=false"]) == 2
+    assert (tmp_path / "r" / "metrics.jsonl").read_bytes() == before
+
+
+# --- checkpoints: atomic, marked complete last, loaded without running code --------------
+
+
+class _Payload:
+    """A pickle that creates `marker` when unpickled: what a crafted checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A real checkpoint of the tiny UNet with a LoRA, an optimizer that stepped, a tracker with history."""
+    from ddpo_ray.maths.advantages import AdvantageEstimator
+    from ddpo_ray.models.lora import add_lora
+    from ddpo_ray.models.pipelines import tiny_unet_and_vae
+    from ddpo_ray.records.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    unet, _ = tiny_unet_and_vae()
+    params = add_lora(unet, rank=2)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    advantages = AdvantageEstimator("per_prompt", 4, 1)
+    advantages(np.array(["a cat", "a dog"]), np.array([1.0, 2.0]))  # numpy strings as prompts
+    run_dir = RunDirectory(tmp_path / "run")
+    directory = save_checkpoint(run_dir, 0, unet, True, optimizer, advantages, policy_version=1)
+    return run_dir, directory, unet, optimizer, advantages
+
+
+def test_a_checkpoint_loads_with_weights_only(tiny_checkpoint):
+    from ddpo_ray.records.checkpoint import LEARNER_STATE, RUN_STATE, read_learner_state, resolve_resume_path
+
+    run_dir, directory, *_ = tiny_checkpoint
+    assert resolve_resume_path(str(directory), run_dir) == directory
+    assert read_learner_state(directory)["use_lora"] is True
+    state = torch.load(directory / RUN_STATE, weights_only=True)
+    assert state["epoch"] == 0 and set(state["advantages"]["tracker"]["buffers"]) == {"a cat", "a dog"}
+    torch.load(directory / LEARNER_STATE, weights_only=True)
+    assert not [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("state_file", ["learner_state.pt", "run_state.pt"])
+def test_a_crafted_pickle_in_a_checkpoint_is_refused_and_runs_nothing(tiny_checkpoint, tmp_path, state_file):
+    from ddpo_ray.maths.advantages import AdvantageEstimator
+    from ddpo_ray.records.checkpoint import load_policy_weights, load_run_state
+
+    _, directory, *_ = tiny_checkpoint
+    marker = tmp_path / "code-ran"
+    torch.save({"use_lora": True, "weights": _Payload(marker)}, directory / state_file)
+    with pytest.raises(ValueError, match=rf"{state_file}: refused to load.*weights_only=True"):
+        if state_file == "learner_state.pt":
+            load_policy_weights(directory)  # the path of `evaluate --checkpoint`
+        else:
+            load_run_state(directory, AdvantageEstimator("per_prompt", 4, 1))  # the path of resume_from
+    assert not marker.exists()
+
+
+def test_a_rewrite_cut_short_leaves_no_complete_marker_and_no_half_file(tiny_checkpoint, monkeypatch):
+    """The fault (a failing write mid-checkpoint) is injected: a real kill cannot be timed here."""
+    from ddpo_ray.records import checkpoint
+    from ddpo_ray.records.run_dir import COMPLETE_MARKER
+
+    run_dir, directory, unet, optimizer, _ = tiny_checkpoint
+    old = (directory / checkpoint.LEARNER_STATE).read_bytes()
+
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_learner_state(directory, unet, True, optimizer)
+    assert not (directory / COMPLETE_MARKER).exists()
+    assert (directory / checkpoint.LEARNER_STATE).read_bytes() == old  # the old file, whole
+    assert run_dir.latest_checkpoint() is None  # `latest` skips it
+    with pytest.raises(FileNotFoundError, match=r"epoch_0000 has no COMPLETE marker.*cut short"):
+        checkpoint.resolve_resume_path(str(directory), run_dir)  # an explicit resume_from too
+
+
+def _complete(run_dir, epoch):
+    run_dir.checkpoint_path(epoch).mkdir(parents=True)
+    (run_dir.checkpoint_path(epoch) / "learner_state.pt").write_bytes(b"x")
+    run_dir.mark_checkpoint_complete(epoch)
+
+
+def test_prune_keeps_the_newest_complete_checkpoints_best_and_those_in_progress(run_dir):
+    for epoch in range(5):
+        _complete(run_dir, epoch)
+    run_dir.best_dir.mkdir()
+    (run_dir.best_dir / "best.json").write_text("{}")
+    run_dir.checkpoint_path(5).mkdir()  # the learner's next one, not complete yet
+    removed = run_dir.prune_checkpoints(2)
+    assert [p.name for p in removed] == ["epoch_0000", "epoch_0001", "epoch_0002"]
+    assert sorted(p.name for p in run_dir.checkpoints_dir.iterdir()) == ["best", "epoch_0003", "epoch_0004", "epoch_0005"]
+    assert run_dir.latest_checkpoint() == run_dir.checkpoint_path(4)
+    assert run_dir.prune_checkpoints(0) == [] and len(run_dir.list_checkpoints()) == 2  # 0: keep all
+    assert [p.name for p in run_dir.prune_checkpoints(1)] == ["epoch_0003"]
+    with pytest.raises(ValueError, match="keep_last_n"):
+        run_dir.prune_checkpoints(-1)
+
+
+def test_a_process_that_cannot_see_the_run_directory_refuses_to_write_a_partial_copy(tmp_path):
+    """What a learner worker on a node without the shared filesystem meets (injected here: one
+    machine always sees its own files): it must fail, not create a second run directory."""
+    from ddpo_ray.records.run_dir import check_run_dir_visible
+
+    elsewhere = tmp_path / "not-mounted-here" / "run"
+    with pytest.raises(FileNotFoundError, match=r"learner worker 0: the run directory .*run \(its config.yaml\) "
+                                                r"is not visible here.*filesystem every node mounts"):
+        check_run_dir_visible(elsewhere, "learner worker 0")
+    assert not elsewhere.exists()
+    RunDirectory(tmp_path / "run").write_config({"seed": 0})
+    check_run_dir_visible(tmp_path / "run", "learner worker 0")

@@ -9,10 +9,13 @@ typo fails in a second instead of after the cluster has started. Names follow dd
 
 from __future__ import annotations
 
+import math
+import secrets
 import time
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ddpo_ray.infra.prompt_names import PROMPT_SET_NAMES, TINY_WORLD_PROMPT_SETS
 from ddpo_ray.infra.reward_names import REWARD_NAMES
@@ -28,9 +31,21 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names every bad field."""
 
 
+# model.pretrained values that are built in code, not loaded.
+BUILTIN_MODELS = ("tiny", "tiny-random", "sd15-random")
+SEED_MAX = 2**32 - 1  # numpy's seed range
+
+
 class _Section(BaseModel):
-    # Unknown keys are errors (a typo must not silently fall back to a default).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors (a typo must not silently fall back to a default). NaN and inf
+    # are refused in every float (learning rate, clip range, timeouts, weights, ...): each one
+    # either breaks training silently or turns a bounded wait into an endless one.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """A Hugging Face id is `name` or `org/name`; anything else path-shaped is meant as a directory."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
 
 
 class ModelConfig(_Section):
@@ -40,6 +55,18 @@ class ModelConfig(_Section):
         "init, for GPU timings), a Hugging Face id, or a local diffusers directory",
     )
     revision: str | None = None
+
+    @field_validator("pretrained")
+    @classmethod
+    def _local_model_exists(cls, value: str) -> str:
+        # Fail here, not inside the actors after Ray and Serve are up.
+        if value not in BUILTIN_MODELS and _looks_like_local_path(value) and not Path(value).expanduser().is_dir():
+            raise ValueError(
+                f"{value!r} is a local path but no such directory exists; expected a diffusers model "
+                f"directory, a Hugging Face id (org/name), or one of {list(BUILTIN_MODELS)}"
+            )
+        return value
+
     use_lora: bool = True
     lora_rank: int = Field(4, ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
@@ -189,12 +216,22 @@ class EvalConfig(_Section):
     guard_reward: str | None = Field(
         None, description="a reward that must not fall (over-optimisation guard); scored on eval images"
     )
-    guard_margin: float = Field(
-        0.0, ge=0.0, description="stop when the guard's eval mean falls more than this below its best so far"
+    guard_margin: float | None = Field(
+        0.0, ge=0.0,
+        description="stop when the guard's eval mean falls more than this below its best so far; null: "
+        "record the guard's fall, never stop on it",
     )
     best_metric: str = Field(
         "eval_reward_mean", description="eval key whose maximum picks the `best` checkpoint"
     )
+
+    @field_validator("guard_margin", mode="before")
+    @classmethod
+    def _finite_margin(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{value} is refused (NaN/inf are, in every float); use null to record the guard "
+                             "without ever stopping on it")
+        return value
 
     @model_validator(mode="after")
     def _known_rewards(self) -> "EvalConfig":
@@ -212,11 +249,29 @@ class ClusterConfig(_Section):
         default_factory=dict, description='extra Ray resources per sampler, e.g. {"sampler_node": 1}'
     )
     sampler_max_restarts: int = Field(3, ge=-1, description="-1: restart without limit")
+    placement_timeout_s: float = Field(
+        900.0, gt=0.0,
+        description="the samplers must be placed and have loaded their pipelines within this, else the run "
+        "stops with an error naming what they asked for (an autoscaler may add nodes meanwhile)",
+    )
     learner_workers: int = Field(1, ge=1)
     gpus_per_learner_worker: float = Field(0.0, ge=0.0)
     cpus_per_learner_worker: float = Field(1.0, gt=0.0, description="also its torch threads (at least 1)")
     learner_max_failures: int = Field(2, ge=-1, description="worker-group restarts (Ray Train FailureConfig)")
+    learner_timeout_s: float = Field(
+        3600.0, gt=0.0,
+        description="the driver waits at most this for the learner's next policy version or checkpoint "
+        "(one epoch's training, plus start-up and placement for the first), then stops with an error",
+    )
     staleness: int = Field(0, ge=0, le=1, description="0: exact DDPO; 1: sample while training")
+    @field_validator("sampler_resources")
+    @classmethod
+    def _positive_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {name: amount for name, amount in value.items() if not amount > 0}
+        if bad:
+            raise ValueError(f"every amount must be > 0 (a Ray resource request), got {bad}")
+        return value
+
     weight_transport: Literal["object_store"] = Field(
         "object_store",
         description="how the learner's weights reach the samplers (ddpo_ray.distributed.weight_transport)",
@@ -225,11 +280,16 @@ class ClusterConfig(_Section):
 
 class DDPOConfig(_Section):
     preset: str = "tiny"
-    run_name: str | None = Field(None, description="default: <preset>-<date>-<time>")
-    output_dir: str = "outputs"
-    seed: int = 0
+    run_name: str | None = Field(None, description="default: <preset>-<date>-<time>-<random hex>")
+    output_dir: str = Field("outputs", min_length=1)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     num_epochs: int = Field(5, ge=1)
     save_freq: int = Field(1, ge=0, description="checkpoint every N epochs (0: only at the end)")
+    keep_last_n: int = Field(
+        3, ge=0,
+        description="epoch checkpoints kept: the newest N complete ones, older ones are deleted (0: keep all); "
+        "checkpoints/best is never deleted",
+    )
     resume_from: str | None = Field(None, description='a checkpoint dir, a run dir, or "latest"')
     metrics: bool = Field(True, description="export the ddpo_* Prometheus metrics (see ddpo_ray.records.metrics)")
     trackers: list[str] = Field(
@@ -279,6 +339,26 @@ class DDPOConfig(_Section):
     def num_train_timesteps(self) -> int:
         """Denoising steps trained per sample (the first int(num_steps * fraction) of a shuffle)."""
         return int(self.sample.num_steps * self.train.timestep_fraction)
+
+    @field_validator("run_name")
+    @classmethod
+    def _one_path_component(cls, value: str | None) -> str | None:
+        # The run directory is output_dir/run_name: a name must not climb out of it or nest.
+        if value is None:
+            return value
+        if value in ("", ".", "..") or "/" in value or "\\" in value or not value.isprintable() or value != value.strip():
+            raise ValueError(
+                f"{value!r} is not a safe directory name; expected one path component: no '/', '\\', "
+                "control characters (newlines), surrounding spaces, and not '.' or '..'"
+            )
+        return value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir_named(cls, value: str) -> str:
+        if not value.strip() or not value.isprintable():
+            raise ValueError(f"{value!r}: expected a directory path (not blank, no control characters)")
+        return value
 
     @model_validator(mode="after")
     def _known_trackers(self) -> "DDPOConfig":
@@ -381,7 +461,12 @@ class DDPOConfig(_Section):
         return self
 
     def resolved_run_name(self) -> str:
-        return self.run_name or f"{self.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        """run_name, or a fresh default: <preset>-<date>-<time>-<6 random hex digits>.
+
+        The random suffix keeps two runs started in the same second apart (a second run
+        must never land in the first one's directory). Resolve it once per run.
+        """
+        return self.run_name or f"{self.preset}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

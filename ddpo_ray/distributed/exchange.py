@@ -50,9 +50,15 @@ class EpochExchange:
         async with self._changed:
             self._changed.notify_all()
 
-    async def _wait_for(self, predicate, timeout_s: float | None):
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(predicate), timeout_s)
+    async def _wait_for(self, predicate, timeout_s: float | None, what: str = "the learner"):
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(predicate), timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"waited {timeout_s:g} s for {what} (cluster.learner_timeout_s); the learner is stuck, "
+                "or its workers could not be placed"
+            ) from None
 
     # --- driver -> learner ---------------------------------------------------------------
     async def put_epoch(self, epoch: int, shards: list[EpochShard]) -> None:
@@ -91,7 +97,8 @@ class EpochExchange:
 
     async def get_policy(self, version: int, timeout_s: float | None = None) -> PublishedPolicy:
         """Policy `version`, waiting for it; raises if the learner failed first."""
-        await self._wait_for(lambda: version in self._policies or self._error is not None, timeout_s)
+        await self._wait_for(lambda: version in self._policies or self._error is not None, timeout_s,
+                             f"policy version {version}")
         if version not in self._policies:
             raise RuntimeError(f"the learner failed before publishing policy version {version}: {self._error}")
         return self._policies[version]
@@ -114,7 +121,8 @@ class EpochExchange:
         return epoch, self._checkpointed[epoch]
 
     async def get_checkpoint(self, epoch: int, timeout_s: float | None = None) -> str:
-        await self._wait_for(lambda: epoch in self._checkpointed or self._error is not None, timeout_s)
+        await self._wait_for(lambda: epoch in self._checkpointed or self._error is not None, timeout_s,
+                             f"the learner's checkpoint of epoch {epoch}")
         if epoch not in self._checkpointed:
             raise RuntimeError(f"the learner failed before checkpointing epoch {epoch}: {self._error}")
         return self._checkpointed[epoch]

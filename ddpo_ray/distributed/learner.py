@@ -4,10 +4,11 @@ Each worker holds the frozen pipeline and the trainable LoRA (DDP over the LoRA 
 there are several workers). Per epoch it pulls its shard from the `EpochExchange`, runs the
 PPO passes of `ddpo_ray.training.steps.train_inner_epochs` (the single-process loop's code), and reports
 metrics with `ray.train.report`; rank 0 publishes the new policy version through the weight
-transport and writes the learner's half of checkpoints (`ddpo_ray.records.checkpoint.save_learner_state`), which
-it also reports to Ray Train. A worker group that Ray Train restarts after a failure
-(`FailureConfig`) resumes from the newest of those checkpoints and pulls the following epochs
-again (`learner_restarts` in the metrics counts restarts).
+transport and writes the learner's half of checkpoints (`ddpo_ray.records.checkpoint.save_learner_state`) into
+the run directory, the one copy (none is reported to Ray Train). A worker group that Ray Train
+restarts after a failure (`FailureConfig`) resumes from the newest of those checkpoints, as the
+exchange records them, and pulls the following epochs again (`learner_restarts` in the metrics
+counts restarts).
 
 The driver side is `Learner`: it runs `TorchTrainer.fit()` on a background thread (fit blocks
 until training ends) and talks to the workers only through the exchange.
@@ -35,7 +36,7 @@ from ddpo_ray.maths.sharding import EpochShard
 from ddpo_ray.models.lora import trainable_state_dict
 from ddpo_ray.models.pipelines import load_pipeline
 from ddpo_ray.records.checkpoint import load_learner_state, save_learner_state
-from ddpo_ray.records.run_dir import RunDirectory
+from ddpo_ray.records.run_dir import RunDirectory, check_run_dir_visible
 from ddpo_ray.training.epoch_loop import checkpoint_due
 from ddpo_ray.training.collectives import mean_over_ranks, reduction_device
 from ddpo_ray.training.steps import make_trainer_state, train_inner_epochs
@@ -59,9 +60,11 @@ def learner_loop(config: dict[str, Any]) -> None:
 
     cfg = DDPOConfig.model_validate(config["cfg"])
     exchange = config["exchange"]
-    run_dir = RunDirectory(config["run_dir"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    # Before RunDirectory(), which would create a local, partial copy on a node that cannot see it.
+    check_run_dir_visible(config["run_dir"], f"learner worker {rank} on node {ray.get_runtime_context().get_node_id()}")
+    run_dir = RunDirectory(config["run_dir"])
     match_torch_threads_to_cpus()  # one torch thread per CPU this worker reserved
     device = ray.train.torch.get_device()
 
@@ -118,12 +121,13 @@ def learner_loop(config: dict[str, Any]) -> None:
         publish(epoch + 1, metrics)
         last_trained = epoch
 
-        checkpoint = None
-        if checkpoint_due(cfg, epoch) and rank == 0:
+        saved = checkpoint_due(cfg, epoch) and rank == 0
+        if saved:
             save_learner_state(run_dir.checkpoint_path(epoch), pipe.unet, cfg.model.use_lora, optimizer)
-            checkpoint = ray.train.Checkpoint.from_directory(run_dir.checkpoint_path(epoch))
-        ray.train.report({"epoch": epoch, **metrics}, checkpoint=checkpoint)  # a barrier for all ranks
-        if checkpoint is not None:
+        # No checkpoint goes to Ray Train: a restart reads the exchange's (above), so Ray Train's
+        # copy under <run>/ray_train was a second copy of every checkpoint that nothing read.
+        ray.train.report({"epoch": epoch, **metrics})  # a barrier for all ranks
+        if saved:
             ray.get(exchange.put_checkpoint.remote(epoch, str(run_dir.checkpoint_path(epoch))))
 
     # A run stopped early (the guard) asks for a checkpoint of the last epoch it recorded.
@@ -131,6 +135,9 @@ def learner_loop(config: dict[str, Any]) -> None:
     if rank == 0 and final is not None and final == last_trained and not checkpoint_due(cfg, final):
         save_learner_state(run_dir.checkpoint_path(final), pipe.unet, cfg.model.use_lora, optimizer)
         ray.get(exchange.put_checkpoint.remote(final, str(run_dir.checkpoint_path(final))))
+
+
+_EXCHANGE_SLACK_S = 60.0  # beyond a wait's own deadline, for the exchange to answer at all
 
 
 class Learner:
@@ -142,6 +149,7 @@ class Learner:
 
         self.exchange = EpochExchange.remote()
         cluster = cfg.cluster
+        self.timeout_s = cluster.learner_timeout_s
         use_gpu = cluster.gpus_per_learner_worker > 0
         resources = {"CPU": cluster.cpus_per_learner_worker}
         if use_gpu:
@@ -178,20 +186,29 @@ class Learner:
             self.error = exc
             ray.get(self.exchange.fail.remote(f"{type(exc).__name__}: {exc}"))
 
+    def _get(self, ref: Any, timeout_s: float, what: str) -> Any:
+        """ray.get with a deadline: the exchange answers waits itself; this covers an exchange that hangs."""
+        try:
+            return ray.get(ref, timeout=timeout_s + _EXCHANGE_SLACK_S)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"the epoch exchange did not answer {what} within {timeout_s + _EXCHANGE_SLACK_S:g} s") from None
+
     def put_epoch(self, epoch: int, shards: list[EpochShard]) -> None:
-        ray.get(self.exchange.put_epoch.remote(epoch, shards))
+        self._get(self.exchange.put_epoch.remote(epoch, shards), 0.0, f"put_epoch({epoch})")
 
     def policy(self, version: int, timeout_s: float | None = None) -> PublishedPolicy:
-        """Policy `version` (waits for the learner to publish it)."""
-        return ray.get(self.exchange.get_policy.remote(version, timeout_s))
+        """Policy `version` (waits for the learner to publish it, at most cluster.learner_timeout_s)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        return self._get(self.exchange.get_policy.remote(version, timeout_s), timeout_s, f"policy({version})")
 
     def checkpoint(self, epoch: int, timeout_s: float | None = None) -> Path:
-        """The directory of checkpoint `epoch` once the learner's half is written."""
-        return Path(ray.get(self.exchange.get_checkpoint.remote(epoch, timeout_s)))
+        """The directory of checkpoint `epoch` once the learner's half is written (same deadline)."""
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        return Path(self._get(self.exchange.get_checkpoint.remote(epoch, timeout_s), timeout_s, f"checkpoint({epoch})"))
 
     def stop(self, checkpoint_epoch: int | None = None) -> None:
         """No more epochs; with `checkpoint_epoch`, rank 0 first checkpoints that (last trained) epoch."""
-        ray.get(self.exchange.stop.remote(checkpoint_epoch))
+        self._get(self.exchange.stop.remote(checkpoint_epoch), 0.0, "stop")
 
     def finish(self, timeout_s: float = 300.0) -> None:
         """Stop the workers (they finish their loop) and wait for fit() to return."""

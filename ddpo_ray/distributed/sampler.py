@@ -66,6 +66,10 @@ class ScoredBatch:
     node_id: str = ""  # the Ray node that sampled it
 
 
+class SamplingError(RuntimeError):
+    """A sampler's `sample` raised for a batch; the message names the sampler, the batch and the cause."""
+
+
 @dataclass
 class _InFlight:
     pending: Any  # reward_services.client.PendingRewards
@@ -102,6 +106,7 @@ class Sampler:
             )
         self.reward_client = reward_client
         self._in_flight: dict[tuple[int, int], _InFlight] = {}
+        self._failed: dict[tuple[int, int], BaseException] = {}  # tasks whose sample raised
         self._changed = threading.Condition()
         self.batches_sampled = 0
         self.torch_threads = torch.get_num_threads()  # of the thread building (and so running) this
@@ -126,8 +131,19 @@ class Sampler:
         """Sample `task` with `weights`, submit its images for rewards, return the trajectories.
 
         The returned trajectories are compact CPU tensors with no images (the learner does not
-        need them; the images come back with the rewards), whatever device sampled them.
+        need them; the images come back with the rewards), whatever device sampled them. If it
+        raises, the failure is handed to the `rewards` call waiting for this task, which raises
+        it too (that call used to wait for the batch forever).
         """
+        try:
+            return self._sample(task, weights)
+        except BaseException as exc:
+            with self._changed:
+                self._failed[task.key] = exc
+                self._changed.notify_all()
+            raise
+
+    def _sample(self, task: SampleTask, weights: PolicyWeights) -> Trajectories:
         if len(task.prompts) != self.cfg.sample.batch_size:
             raise ValueError(
                 f"task {task.key} has {len(task.prompts)} prompts; expected sample.batch_size="
@@ -167,6 +183,12 @@ class Sampler:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._changed:
             while task.key not in self._in_flight:
+                failure = self._failed.pop(task.key, None)
+                if failure is not None:
+                    raise SamplingError(
+                        f"sampler {self.sampler_id}: batch {task.batch_index} of epoch {task.epoch} failed "
+                        f"while sampling: {type(failure).__name__}: {failure}"
+                    ) from failure
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"sampler {self.sampler_id}: task {task.key} was never sampled here")

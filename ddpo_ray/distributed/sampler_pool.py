@@ -6,6 +6,11 @@ restarts, `cluster.sampler_max_restarts`) is re-issued to the next sampler; sinc
 is keyed by (seed, epoch, batch), the re-issued batch is the same batch. Every task carries the
 weights it is sampled with, so a batch is never older than asked. So an epoch always has exactly
 `sample.num_batches_per_epoch` batches, none lost, none doubled.
+
+Or it stops with a `SamplingError` naming the sampler and the batch: when a sampler's `sample`
+raises (it is alive, so re-issuing would only fail again), or when a batch has been tried once
+per life of every sampler (`cluster.sampler_max_restarts`). Samplers that cannot be placed stop
+the pool's start after `cluster.placement_timeout_s`.
 """
 
 from __future__ import annotations
@@ -15,13 +20,19 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from ddpo_ray.config import DDPOConfig
-from ddpo_ray.distributed.sampler import SamplerActor, SampleTask, ScoredBatch
+from ddpo_ray.distributed.sampler import SamplerActor, SampleTask, SamplingError, ScoredBatch
 from ddpo_ray.distributed.weight_transport import PolicyWeights
 
 _SAMPLER_LOST = (RayActorError, ActorUnavailableError)
+_MAX_UNAVAILABLE = 120  # x the back-off: how long an epoch waits out samplers Ray calls unavailable
+_UNAVAILABLE_BACKOFF_S = 1.0
+
+
+class SamplerPlacementError(RuntimeError):
+    """The samplers could not all be placed on the cluster (and loaded) in time."""
 
 
 @dataclass
@@ -53,8 +64,29 @@ class SamplerPool:
             SamplerActor.options(name=name, **options).remote(cfg.to_dict(), i)
             for i, name in enumerate(self.actor_names)
         ]
-        ray.get([actor.ready.remote() for actor in self.actors])  # fail fast if a pipeline cannot load
+        self._wait_until_ready(options, cluster.placement_timeout_s)
         self.reward_timeout_s = cfg.reward.timeout_s
+        # A batch is tried at most once per life of every sampler; after that each of them died
+        # on it, or is dead for good, and re-issuing again would loop forever.
+        lives = cluster.sampler_max_restarts + 1 if cluster.sampler_max_restarts >= 0 else 10
+        self.max_attempts = cluster.num_samplers * lives
+        self.max_restarts = cluster.sampler_max_restarts
+
+    def _wait_until_ready(self, options: dict[str, Any], timeout_s: float) -> None:
+        """Every sampler placed and loaded, or an error: an actor no node can hold waits forever."""
+        refs = [actor.ready.remote() for actor in self.actors]
+        try:
+            ray.get(refs, timeout=timeout_s)  # also fails fast if a pipeline cannot load
+        except ray.exceptions.GetTimeoutError:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            self.shutdown()
+            asked = {"CPU": options["num_cpus"], "GPU": options["num_gpus"], **options["resources"]}
+            raise SamplerPlacementError(
+                f"{len(refs) - len(ready)} of cluster.num_samplers={len(refs)} samplers were not placed and "
+                f"ready within cluster.placement_timeout_s={timeout_s:g}; each asks for "
+                f"{ {k: v for k, v in asked.items() if v} } (cluster.cpus_per_sampler, gpus_per_sampler, "
+                f"sampler_resources), the cluster has {ray.cluster_resources()}"
+            ) from None
 
     def _dispatch(self, task: SampleTask, index: int, weights: PolicyWeights) -> tuple[Any, Any]:
         actor = self.actors[index % len(self.actors)]
@@ -82,19 +114,42 @@ class SamplerPool:
         # Phase 2: collect scored batches; re-issue lost ones.
         done: dict[int, tuple[Any, ScoredBatch]] = {}
         reissued = 0
+        attempts: dict[int, int] = {}  # batch_index -> tries so far, for those tried more than once
+        unavailable = 0  # ActorUnavailableError answers this epoch (transient, so not a spent life)
         events: list[str] = []
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             task, index, trajectories = in_flight.pop(ready[0])
+            sampler = self.actor_names[index % len(self.actors)]
             try:
                 scored: ScoredBatch = ray.get(ready[0])
             except _SAMPLER_LOST as exc:
+                if isinstance(exc, ActorUnavailableError):  # reachable again soon (Ray says): wait, bounded
+                    unavailable += 1
+                    if unavailable > _MAX_UNAVAILABLE:
+                        raise SamplingError(
+                            f"batch {task.batch_index} of epoch {task.epoch}: Ray answered that a sampler was "
+                            f"unavailable {unavailable} times this epoch ({_UNAVAILABLE_BACKOFF_S:g} s apart); "
+                            f"last: {sampler}"
+                        ) from None
+                    time.sleep(_UNAVAILABLE_BACKOFF_S)
+                else:  # the actor died: one of its lives is spent on this batch
+                    attempts[task.batch_index] = attempts.get(task.batch_index, 1) + 1
+                if attempts.get(task.batch_index, 1) > self.max_attempts:
+                    raise SamplingError(
+                        f"batch {task.batch_index} of epoch {task.epoch}: every sampler was lost on it "
+                        f"({self.max_attempts} attempts over {len(self.actors)} samplers, "
+                        f"cluster.sampler_max_restarts={self.max_restarts}); last: "
+                        f"{sampler} ({type(exc).__name__})"
+                    ) from None
                 reissued += 1
-                events.append(f"batch {task.batch_index}: sampler {index % len(self.actors)} lost ({type(exc).__name__}); re-issued")
+                events.append(f"batch {task.batch_index}: {sampler} lost ({type(exc).__name__}); re-issued")
                 index += 1
                 trajectories, ref = self._dispatch(task, index, weights)
                 in_flight[ref] = (task, index, trajectories)
                 continue
+            except RayTaskError as exc:  # the sampler is alive but its sample (or rewards) raised
+                raise SamplingError(f"{sampler}, batch {task.batch_index} of epoch {task.epoch}: {exc.cause}") from None
             if scored.policy_version != weights.version:
                 raise RuntimeError(f"batch {task.batch_index} of epoch {task.epoch} was sampled with policy "
                                    f"v{scored.policy_version}, not the v{weights.version} it was sent with")

@@ -75,9 +75,13 @@ def load_lora_state_dict(unet: UNet2DConditionModel, state_dict: dict[str, torch
         raise ValueError(f"LoRA state dict has keys this UNet's adapter lacks: {unexpected[:5]}")
 
 
-def save_lora(unet: UNet2DConditionModel, directory: str | Path) -> Path:
+def save_lora(
+    unet: UNet2DConditionModel,
+    directory: str | Path,
+    save_function: Callable[[dict[str, torch.Tensor], str], None] | None = None,
+) -> Path:
     """Write the UNet's LoRA in diffusers' format: `pipe.load_lora_weights(directory)` loads it."""
-    return save_lora_weights(get_peft_model_state_dict(unet), directory)
+    return save_lora_weights(get_peft_model_state_dict(unet), directory, save_function)
 
 
 def save_lora_weights(

@@ -6,7 +6,8 @@ checkpoints/epoch_NNNN/
     learner_state.pt                  trainable weights and optimizer (written by the learner)
     run_state.pt                      epoch, policy version, advantage tracker, RNG state
                                       (written by whoever runs the epoch loop)
-    COMPLETE                          written last; a checkpoint without it is ignored
+    COMPLETE                          written last, removed first when the checkpoint is rewritten;
+                                      a checkpoint without it is ignored (and refused as resume_from)
 checkpoints/best/
     pytorch_lora_weights.safetensors  (use_lora) the best evaluated policy version, in the same
                                       diffusers format: `pipe.load_lora_weights(dir)` loads it
@@ -21,7 +22,9 @@ The single-process loop writes both with `save_checkpoint`.
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -37,8 +40,8 @@ from ddpo_ray.models.lora import (
     save_lora_weights,
     trainable_state_dict,
 )
-from ddpo_ray.records.files import atomic_write
-from ddpo_ray.records.run_dir import RunDirectory
+from ddpo_ray.records.files import atomic_write, to_plain
+from ddpo_ray.records.run_dir import COMPLETE_MARKER, RunDirectory
 
 LEARNER_STATE = "learner_state.pt"
 RUN_STATE = "run_state.pt"
@@ -47,13 +50,45 @@ BEST_INFO = "best.json"
 MODEL_CARD = "README.md"
 
 
+def _begin_rewrite(directory: Path) -> None:
+    """Create `directory`, and take its COMPLETE away first: a checkpoint being (re)written is not whole."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / COMPLETE_MARKER).unlink(missing_ok=True)
+
+
+def _atomic_torch_save(state: Mapping[str, Any], path: Path) -> None:
+    """torch.save, but the file is replaced atomically and fsynced (a kill leaves old or new, never half)."""
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    """A state file, unpickled with weights_only=True: tensors, numbers, strings and containers only.
+
+    A checkpoint is read from `resume_from` and `evaluate --checkpoint`, so it may come from
+    anyone; full unpickling would run whatever code a crafted file names.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{path}: refused to load; a checkpoint state file may hold only tensors, numbers, strings "
+            f"and containers (loaded with torch.load(weights_only=True)), this one names other objects: {exc}"
+        ) from None
+
+
 def save_learner_state(
     directory: Path, unet: UNet2DConditionModel, use_lora: bool, optimizer: torch.optim.Optimizer
 ) -> None:
-    """The learner's half: the policy in diffusers' format, plus weights and optimizer state."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """The learner's half: the policy in diffusers' format, plus weights and optimizer state.
+
+    Each file is replaced atomically; the checkpoint's COMPLETE goes first, so a rewrite cut
+    short is never taken for a whole checkpoint.
+    """
+    _begin_rewrite(directory)
     if use_lora:
-        save_lora(unet, directory)
+        save_lora(unet, directory, save_function=_atomic_safetensors)
     else:
         unet.save_pretrained(directory / "unet")
     state = {
@@ -61,22 +96,26 @@ def save_learner_state(
         "weights": trainable_state_dict(unet, use_lora),
         "optimizer": optimizer.state_dict(),
     }
-    torch.save(state, directory / LEARNER_STATE)
+    _atomic_torch_save(state, directory / LEARNER_STATE)
 
 
 def save_run_state(
     directory: Path, epoch: int, policy_version: int, advantages: Mapping[str, Any], **extra: Any
 ) -> None:
-    """The loop's half: where the run is (epoch, policy version) and the advantage tracker."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """The loop's half: where the run is (epoch, policy version) and the advantage tracker.
+
+    Plain values only (numpy strings and scalars become Python ones), so it loads with
+    torch.load(weights_only=True).
+    """
+    _begin_rewrite(directory)
     state = {
-        "epoch": epoch,
-        "policy_version": policy_version,
-        "advantages": dict(advantages),
+        "epoch": int(epoch),
+        "policy_version": int(policy_version),
+        "advantages": to_plain(dict(advantages), "advantages", nonfinite_to_none=False),
         "torch_rng": torch.random.get_rng_state(),
         **extra,
     }
-    torch.save(state, directory / RUN_STATE)
+    _atomic_torch_save(state, directory / RUN_STATE)
 
 
 def save_checkpoint(
@@ -104,7 +143,13 @@ def resolve_resume_path(resume_from: str, run_dir: RunDirectory) -> Path:
             raise FileNotFoundError(f"resume_from='latest': no complete checkpoint under {run_dir.checkpoints_dir}")
         return latest
     path = Path(resume_from).expanduser()
-    if (path / RUN_STATE).is_file() and (path / LEARNER_STATE).is_file():
+    if (path / RUN_STATE).is_file() or (path / LEARNER_STATE).is_file():
+        if not (path / COMPLETE_MARKER).is_file():
+            raise FileNotFoundError(
+                f"resume_from={resume_from!r}: checkpoint {path} has no {COMPLETE_MARKER} marker, so it was "
+                "cut short while being written; resume from an earlier checkpoint, or pass the run "
+                "directory to take its newest complete one"
+            )
         return path
     if (path / "checkpoints").is_dir():
         latest = RunDirectory(path).latest_checkpoint()
@@ -117,7 +162,8 @@ def resolve_resume_path(resume_from: str, run_dir: RunDirectory) -> Path:
 
 
 def read_learner_state(path: Path) -> dict[str, Any]:
-    return torch.load(Path(path) / LEARNER_STATE, map_location="cpu", weights_only=False)
+    """learner_state.pt of checkpoint `path` (tensors and numbers only; see _load_state)."""
+    return _load_state(Path(path) / LEARNER_STATE)
 
 
 def load_learner_state(
@@ -133,7 +179,7 @@ def load_learner_state(
 
 def load_run_state(path: Path, advantages: AdvantageEstimator) -> dict[str, Any]:
     """Restore the tracker and the RNG in place; returns the saved state (epoch, policy_version, ...)."""
-    state = torch.load(Path(path) / RUN_STATE, map_location="cpu", weights_only=False)
+    state = _load_state(Path(path) / RUN_STATE)
     advantages.load_state_dict(state["advantages"])
     torch.random.set_rng_state(state["torch_rng"])
     return state

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file next to `path`, fsync, then rename over it (atomic on POSIX)."""
+    """Write to a temporary file next to `path`, fsync, rename over it (atomic on POSIX), fsync the directory."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -25,6 +25,21 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable: without this a power cut may bring back the old name's contents."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # a platform or filesystem that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 

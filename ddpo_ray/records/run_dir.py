@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -48,6 +49,45 @@ CHECKPOINTS_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 
 _CHECKPOINT_NAME = re.compile(r"epoch_(\d{4,})")
+
+
+class RunDirectoryExistsError(FileExistsError):
+    """A new run (no resume_from) was pointed at the directory of an earlier run."""
+
+
+def check_new_run(root: str | os.PathLike, resume_from: str | None) -> None:
+    """Refuse to start a fresh run where an earlier run left its records.
+
+    Without this, a second run with the same name appended its epochs to the old metrics.jsonl
+    (epochs 0, 1, 2, 0, 1), left `latest` pointing at the old run's checkpoint and deleted its
+    best. A resumed run (resume_from set) continues the directory, so it passes.
+    """
+    if resume_from:
+        return
+    root = Path(root)
+    left = [name for name in (CONFIG_FILE, METRICS_FILE, EVAL_FILE) if (root / name).exists()]
+    checkpoints = root / CHECKPOINTS_DIR
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
+        left.append(CHECKPOINTS_DIR)
+    if left:
+        raise RunDirectoryExistsError(
+            f"run directory {root} already holds a run ({', '.join(left)}); pass resume_from=latest to "
+            "continue it, or a new run_name (or output_dir) to start another"
+        )
+
+
+def check_run_dir_visible(root: str | os.PathLike, who: str) -> None:
+    """Refuse to work in a run directory this process cannot see (its config.yaml is written first).
+
+    Processes on other nodes (the learner writing its half of every checkpoint) use the driver's
+    path; without a filesystem shared at that path they would write a second, partial run
+    directory on their own node, and the first checkpoint would never be complete.
+    """
+    if not (Path(root) / CONFIG_FILE).is_file():
+        raise FileNotFoundError(
+            f"{who}: the run directory {root} (its {CONFIG_FILE}) is not visible here; on a multi-node "
+            "cluster output_dir must be on a filesystem every node mounts at the same path"
+        )
 
 
 class RunDirectory:
@@ -219,6 +259,24 @@ class RunDirectory:
         """The newest complete checkpoint, or None if there is none yet."""
         checkpoints = self.list_checkpoints()
         return checkpoints[-1][1] if checkpoints else None
+
+    def prune_checkpoints(self, keep_last_n: int) -> list[Path]:
+        """Delete all but the newest `keep_last_n` complete epoch checkpoints (0: keep all); returns the deleted.
+
+        checkpoints/best and checkpoints still being written (no COMPLETE yet, e.g. the learner's
+        next one at staleness 1) are never touched, and the newest complete one, which
+        `resume_from=latest` takes, is always kept. COMPLETE goes first, so a deletion cut short
+        leaves a directory that is ignored, never a damaged checkpoint that counts.
+        """
+        if keep_last_n < 0:
+            raise ValueError(f"keep_last_n: expected >= 0 (0 keeps every checkpoint), got {keep_last_n}")
+        if keep_last_n == 0:
+            return []
+        doomed = [path for _, path in self.list_checkpoints()[:-keep_last_n]]
+        for path in doomed:
+            (path / COMPLETE_MARKER).unlink(missing_ok=True)
+            shutil.rmtree(path)
+        return doomed
 
     def mark_checkpoint_complete(self, epoch: int) -> None:
         """Write the COMPLETE marker; call it after every other file of the checkpoint is written."""

@@ -19,6 +19,7 @@ Versions evaluated: 0 (the base model, before training), every `eval.every`-th, 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -178,7 +179,7 @@ class EvalTracker:
         self.base: dict[str, float] | None = None
         self.metric = cfg.eval.best_metric
         self.guard_key = f"eval_{cfg.eval.guard_reward}_mean" if cfg.eval.guard_reward else None
-        self.margin = cfg.eval.guard_margin
+        self.margin = math.inf if cfg.eval.guard_margin is None else cfg.eval.guard_margin  # None: never stop
         self.best_value = -np.inf
         self.best_version: int | None = None
         self.guard_peak = -np.inf

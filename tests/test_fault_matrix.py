@@ -1,0 +1,126 @@
+"""Faults in the distributed system: each one is recovered from, or stops the run with an error
+that names the component and the batch, within a bounded time (issue 15). Real Ray, real actors.
+
+Faults that cannot be produced for real on a CPU are injected, and each test says how: a sampler
+whose `sample` raises is a task whose prompt count is wrong (the same path a CUDA OOM or a full
+object store takes: an exception inside `sample`).
+
+Each test runs the call under test on a thread and gives it a generous deadline: before the
+fixes these calls never returned, so a deadline is how "hangs" fails; nothing here asserts speed.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import ray
+
+from ddpo_ray.config import build_config
+from ddpo_ray.distributed.sampler import Sampler, SampleTask, SamplingError
+from ddpo_ray.distributed.weight_transport import InProcessTransport, PolicyWeights
+from tests.helpers import SMALL
+
+DEADLINE_S = 120.0  # far beyond the few seconds these take; only a hang reaches it
+CFG = [*SMALL, "sample.batch_size=2", "sample.num_steps=2", "metrics=false"]
+NO_WEIGHTS = PolicyWeights(version=0, num_bytes=0, payload=None)  # never fetched: sample fails first
+
+
+def finishes(call, what: str):
+    """call() on a thread: its result, or the exception it raised; fails if it is still running at the deadline."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=what, daemon=True)
+    thread.start()
+    thread.join(DEADLINE_S)
+    assert not thread.is_alive(), f"{what}: still waiting after {DEADLINE_S:.0f} s (a hang)"
+    return outcome
+
+
+def bad_task(epoch: int = 0, batch_index: int = 3) -> SampleTask:
+    return SampleTask(epoch=epoch, batch_index=batch_index, prompts=("a red circle",))  # batch_size is 2
+
+
+def test_a_sample_that_raises_fails_the_batchs_rewards_call_instead_of_hanging_it():
+    """In one process: the `rewards` call paired with a failed `sample` used to wait forever."""
+    sampler = Sampler(build_config(overrides=CFG), sampler_id=7, transport=InProcessTransport(),
+                      reward_client=object())  # never reached: sample fails before submitting
+    task = bad_task()
+    with pytest.raises(ValueError, match="expected sample.batch_size=2"):
+        sampler.sample(task, NO_WEIGHTS)
+    outcome = finishes(lambda: sampler.rewards(task), "rewards of a failed batch")
+    error = outcome.get("error")
+    assert isinstance(error, SamplingError), outcome
+    assert "sampler 7: batch 3 of epoch 0 failed while sampling: ValueError" in str(error)
+
+
+@pytest.mark.ray
+def test_a_sampler_whose_sample_raises_stops_the_epoch_with_an_error_naming_it(reward_apps):
+    from ddpo_ray.distributed.sampler_pool import SamplerPool
+
+    pool = SamplerPool(build_config(overrides=CFG), name_prefix="fault-raises")
+    try:
+        outcome = finishes(lambda: pool.sample_epoch([bad_task()], NO_WEIGHTS), "sample_epoch")
+    finally:
+        pool.shutdown()
+    error = outcome.get("error")
+    assert isinstance(error, SamplingError), outcome
+    assert "fault-raises-0, batch 3 of epoch 0" in str(error) and "expected sample.batch_size=2" in str(error)
+
+
+@pytest.mark.ray
+def test_when_every_sampler_is_dead_the_epoch_stops_with_an_error(reward_apps):
+    """Used to re-issue the batch to the dead samplers forever."""
+    from ddpo_ray.distributed.sampler_pool import SamplerPool
+
+    cfg = build_config(overrides=[*CFG, "cluster.num_samplers=1", "cluster.sampler_max_restarts=0"])
+    pool = SamplerPool(cfg, name_prefix="fault-dead")
+    ray.kill(pool.actors[0], no_restart=True)
+    task = SampleTask(epoch=0, batch_index=1, prompts=("a red circle", "a blue square"))
+    try:
+        outcome = finishes(lambda: pool.sample_epoch([task], NO_WEIGHTS), "sample_epoch")
+    finally:
+        pool.shutdown()
+    error = outcome.get("error")
+    assert isinstance(error, SamplingError), outcome
+    assert "batch 1 of epoch 0: every sampler was lost on it" in str(error) and "fault-dead-0" in str(error)
+
+
+@pytest.mark.ray
+def test_samplers_no_node_can_hold_stop_with_an_error_naming_what_they_ask_for(reward_apps):
+    """Used to wait for placement forever (a resource key no node has, or num_samplers=64)."""
+    from ddpo_ray.distributed.sampler_pool import SamplerPlacementError, SamplerPool
+
+    cfg = build_config(overrides=[*CFG, "cluster.sampler_resources={no_such_node: 1}",
+                                  "cluster.placement_timeout_s=2"])
+    outcome = finishes(lambda: SamplerPool(cfg, name_prefix="fault-unplaceable"), "SamplerPool")
+    error = outcome.get("error")
+    assert isinstance(error, SamplerPlacementError), outcome
+    assert "1 of cluster.num_samplers=1 samplers were not placed" in str(error)
+    assert "'no_such_node': 1.0" in str(error) and "cluster.placement_timeout_s=2" in str(error)
+    assert not [a for a in ray.util.list_named_actors() if a.startswith("fault-unplaceable")]
+
+
+@pytest.mark.ray
+def test_the_drivers_waits_on_the_exchange_end_with_an_error_naming_what_never_came(serve_instance):
+    """A learner that never publishes (stuck, or its workers never placed): the driver's wait
+    ends after cluster.learner_timeout_s with an error, not never."""
+    from ddpo_ray.distributed.exchange import EpochExchange
+
+    assert build_config().cluster.learner_timeout_s < float("inf")
+    exchange = EpochExchange.remote()
+    try:
+        for call, what in ((exchange.get_policy.remote(1, 1.0), "policy version 1"),
+                           (exchange.get_checkpoint.remote(0, 1.0), "checkpoint of epoch 0")):
+            outcome = finishes(lambda call=call: ray.get(call), what)
+            error = outcome.get("error")
+            assert isinstance(error, ray.exceptions.RayTaskError), outcome
+            assert what in str(error) and "cluster.learner_timeout_s" in str(error)
+    finally:
+        ray.kill(exchange)
