@@ -128,7 +128,7 @@ def test_a_null_guard_margin_records_the_guard_and_never_stops():
     from ddpo_ray.training.evaluation import EvalTracker
 
     cfg = build_config(overrides=["eval.rewards=[aesthetic]", "eval.guard_reward=aesthetic", "eval.guard_margin=null"])
-    tracker = EvalTracker(cfg)
+    tracker = EvalTracker.for_config(cfg)
     out = [tracker.update(v, {"eval_reward_mean": r, "eval_aesthetic_mean": g})
            for v, (r, g) in enumerate([(-3.0, 5.0), (-2.0, 1.0), (-1.0, -100.0)])]
     assert [o["eval_guard_stop"] for o in out] == [False, False, False] and not tracker.stopped
