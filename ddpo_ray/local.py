@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ddpo_ray.config import ConfigError, add_config_arguments, config_from_args
 from ddpo_ray.infra.logs import setup_console_logging
-from ddpo_ray.records.run_dir import RunDirectoryExistsError, check_new_run
+from ddpo_ray.records.run_dir import RunDirectoryExistsError, new_run_root
 from ddpo_ray.records.trackers import TrackerNotInstalledError, check_trackers_installed
 
 log = logging.getLogger("ddpo_ray.local")
@@ -54,15 +54,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.loca
 
     if args.metrics_port is not None:
         log.info("metrics: http://127.0.0.1:%d/metrics", serve_prometheus(args.metrics_port))
-    if cfg.run_name is None:
-        cfg.run_name = cfg.resolved_run_name()  # one name for the whole run (it is time-stamped)
     try:
-        check_new_run(f"{cfg.output_dir}/{cfg.run_name}", cfg.resume_from)  # before Ray or a model starts
+        run_root = new_run_root(cfg)  # one name for the whole run; refused before Ray or a model starts
     except RunDirectoryExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     history = run_local(cfg, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    run_dir = RunDirectory(f"{cfg.output_dir}/{cfg.run_name}")
+    run_dir = RunDirectory(run_root)
     print(format_summary(history, run_dir.read_evals(), str(run_dir.root)), flush=True)
     return 0
 

@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import yaml
@@ -46,6 +46,9 @@ BEST_DIR = "best"
 REWARD_CURVE_FILE = "reward_curve.png"
 SAMPLES_DIR = "samples"
 CHECKPOINTS_DIR = "checkpoints"
+if TYPE_CHECKING:
+    from ddpo_ray.config import DDPOConfig
+
 COMPLETE_MARKER = "COMPLETE"
 
 _CHECKPOINT_NAME = re.compile(r"epoch_(\d{4,})")
@@ -74,6 +77,19 @@ def check_new_run(root: str | os.PathLike, resume_from: str | None) -> None:
             f"run directory {root} already holds a run ({', '.join(left)}); pass resume_from=latest to "
             "continue it, or a new run_name (or output_dir) to start another"
         )
+
+
+def new_run_root(cfg: "DDPOConfig") -> Path:
+    """The run's directory, `output_dir/run_name`, refused if an earlier run left records there.
+
+    Fixes the default (time-stamped) run name on `cfg` the first time, so the entry point, which
+    checks before Ray or a model starts, and the epoch loop name the same directory.
+    """
+    if cfg.run_name is None:
+        cfg.run_name = cfg.resolved_run_name()
+    root = Path(f"{cfg.output_dir}/{cfg.run_name}")
+    check_new_run(root, cfg.resume_from)
+    return root
 
 
 def check_run_dir_visible(root: str | os.PathLike, who: str) -> None:

@@ -46,7 +46,7 @@ from ddpo_ray.records.console import format_eval, format_progress
 from ddpo_ray.records.files import atomic_write
 from ddpo_ray.records.metrics import EpochMetrics
 from ddpo_ray.records.model_card import run_model_card
-from ddpo_ray.records.run_dir import RunDirectory, check_new_run
+from ddpo_ray.records.run_dir import RunDirectory, new_run_root
 from ddpo_ray.records.trackers import open_trackers
 from ddpo_ray.training.evaluation import EvalRecorder
 
@@ -138,11 +138,7 @@ class EpochLoop:
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
     ):
         self.cfg, self.backend, self.on_epoch = cfg, backend, on_epoch
-        if cfg.run_name is None:
-            cfg.run_name = cfg.resolved_run_name()  # once: the default is time-stamped and unique
-        root = f"{cfg.output_dir}/{cfg.run_name}"
-        check_new_run(root, cfg.resume_from)
-        self.run_dir = RunDirectory(root)
+        self.run_dir = RunDirectory(new_run_root(cfg))
         self.exported = EpochMetrics(self.run_dir.root.name, exporter if cfg.metrics else "off")
         self.advantages = AdvantageEstimator(cfg.advantage.mode, cfg.advantage.buffer_size, cfg.advantage.min_count)
         self.prompts = PromptSampler(get_prompts(cfg.prompts.name), cfg.sample.samples_per_prompt, cfg.seed)
