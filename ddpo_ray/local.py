@@ -15,10 +15,9 @@ import logging
 import sys
 from typing import Sequence
 
-from ddpo_ray.config import ConfigError, add_config_arguments, config_from_args
+from ddpo_ray.config import add_config_arguments
 from ddpo_ray.infra.logs import setup_console_logging
-from ddpo_ray.records.run_dir import RunDirectoryExistsError, new_run_root
-from ddpo_ray.records.trackers import TrackerNotInstalledError, check_trackers_installed
+from ddpo_ray.preflight import PREFLIGHT_ERRORS, preflight
 
 log = logging.getLogger("ddpo_ray.local")
 
@@ -35,13 +34,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.loca
     args = parser.parse_args(argv)
     setup_console_logging(verbose=args.verbose)
     try:
-        cfg = config_from_args(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        check_trackers_installed(cfg.trackers)  # before anything starts
-    except TrackerNotInstalledError as exc:
+        cfg, run_root = preflight(args)  # before Ray, a server or a model starts
+    except PREFLIGHT_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -54,11 +48,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.loca
 
     if args.metrics_port is not None:
         log.info("metrics: http://127.0.0.1:%d/metrics", serve_prometheus(args.metrics_port))
-    try:
-        run_root = new_run_root(cfg)  # one name for the whole run; refused before Ray or a model starts
-    except RunDirectoryExistsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     history = run_local(cfg, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_dir = RunDirectory(run_root)
     print(format_summary(history, run_dir.read_evals(), str(run_dir.root)), flush=True)

@@ -18,10 +18,9 @@ import logging
 import sys
 from typing import Sequence
 
-from ddpo_ray.config import ConfigError, add_config_arguments, config_from_args
+from ddpo_ray.config import add_config_arguments
 from ddpo_ray.infra.logs import setup_console_logging
-from ddpo_ray.records.run_dir import RunDirectoryExistsError, new_run_root
-from ddpo_ray.records.trackers import TrackerNotInstalledError, check_trackers_installed
+from ddpo_ray.preflight import PREFLIGHT_ERRORS, preflight
 
 log = logging.getLogger("ddpo_ray.run")
 
@@ -41,18 +40,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.run"
     args = parser.parse_args(argv)
     setup_console_logging(verbose=args.verbose)
     try:
-        cfg = config_from_args(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        check_trackers_installed(cfg.trackers)  # before anything starts
-    except TrackerNotInstalledError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        run_root = new_run_root(cfg)  # one name for the whole run; refused before Ray or a model starts
-    except RunDirectoryExistsError as exc:
+        cfg, run_root = preflight(args)  # before Ray, a server or a model starts
+    except PREFLIGHT_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

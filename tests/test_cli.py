@@ -61,6 +61,17 @@ def test_commands_reach_their_entry_points(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("command", ["run", "local"])
+def test_training_commands_refuse_an_earlier_runs_directory_before_starting(command, tmp_path, capsys):
+    """Both training entry points share one preflight: an old run's records are never merged into."""
+    old = tmp_path / "old-run"
+    old.mkdir()
+    (old / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    assert main([command, f"output_dir={tmp_path}", "run_name=old-run"]) == 2  # no Ray, no model loaded
+    assert "already holds a run (metrics.jsonl)" in capsys.readouterr().err
+    assert sorted(p.name for p in old.iterdir()) == ["metrics.jsonl"]
+
+
 def test_python_m_forms_still_work():
     for module in ("ddpo_ray.cli", "ddpo_ray.run", "ddpo_ray.export"):
         result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
