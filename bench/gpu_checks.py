@@ -76,6 +76,8 @@ class Bench:
 
         self.torch = torch
         self.device = torch.device(args.device)
+        if self.device.type == "cuda" and self.device.index is None:  # torch.cuda.set_device needs an index
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.tiny = args.tiny
         steps = args.steps or (2 if args.tiny else 10)
         overrides = [f"sample.num_steps={steps}", "sample.batch_size=4" if args.tiny else "sample.batch_size=8",
