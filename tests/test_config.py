@@ -133,3 +133,24 @@ def test_a_null_guard_margin_records_the_guard_and_never_stops():
            for v, (r, g) in enumerate([(-3.0, 5.0), (-2.0, 1.0), (-1.0, -100.0)])]
     assert [o["eval_guard_stop"] for o in out] == [False, False, False] and not tracker.stopped
     assert out[-1]["eval_guard_drop"] == pytest.approx(105.0) and out[-1]["eval_best_version"] == 2
+
+
+def test_torch_threads_use_the_cores_of_the_phase_that_runs():
+    """At staleness 0 sampling and training alternate: each may use the node's cores (issue 16)."""
+    alternating = build_config(overrides=["cluster.num_samplers=1", "cluster.learner_workers=1"]).cluster
+    assert alternating.torch_threads == "auto"
+    assert alternating.torch_threads_for(reserved_cpus=1.0, node_cores=2) == 2
+    assert alternating.torch_threads_for(reserved_cpus=1.0, node_cores=16) == 16
+    shared = build_config(overrides=["cluster.num_samplers=4", "cluster.learner_workers=2", "train.batch_size=16"]).cluster
+    assert shared.torch_threads_for(reserved_cpus=1.0, node_cores=16) == 4  # four samplers sample at once
+    assert shared.torch_threads_for(reserved_cpus=6.0, node_cores=16) == 6  # never below the reservation
+    overlapped = build_config(overrides=["cluster.staleness=1"]).cluster
+    assert overlapped.torch_threads_for(reserved_cpus=1.5, node_cores=2) == 1  # phases at once: the share
+    fixed = build_config(overrides=["cluster.torch_threads=3", "cluster.staleness=1"]).cluster
+    assert fixed.torch_threads_for(reserved_cpus=1.0, node_cores=2) == 3
+    reserved = build_config(overrides=["cluster.torch_threads=reserved"]).cluster
+    assert reserved.torch_threads_for(reserved_cpus=2.0, node_cores=8) == 2
+    with pytest.raises(ConfigError, match="torch_threads='alternating' needs cluster.staleness=0"):
+        build_config(overrides=["cluster.torch_threads=alternating", "cluster.staleness=1"])
+    with pytest.raises(ConfigError, match="torch_threads"):
+        build_config(overrides=["cluster.torch_threads=0"])

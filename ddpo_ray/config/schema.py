@@ -13,7 +13,7 @@ import math
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -264,6 +264,13 @@ class ClusterConfig(_Section):
         "(one epoch's training, plus start-up and placement for the first), then stops with an error",
     )
     staleness: int = Field(0, ge=0, le=1, description="0: exact DDPO; 1: sample while training")
+    torch_threads: Literal["auto", "reserved", "alternating"] | Annotated[int, Field(ge=1)] = Field(
+        "auto",
+        description="torch threads of each sampler and learner worker. reserved: the CPUs it reserved; "
+        "alternating: at staleness 0 sampling and training take turns, so each uses its node's cores "
+        "divided by max(num_samplers, learner_workers) (at least what it reserved); auto: alternating at "
+        "staleness 0, else reserved; N: N threads",
+    )
     @field_validator("sampler_resources")
     @classmethod
     def _positive_resources(cls, value: dict[str, float]) -> dict[str, float]:
@@ -271,6 +278,33 @@ class ClusterConfig(_Section):
         if bad:
             raise ValueError(f"every amount must be > 0 (a Ray resource request), got {bad}")
         return value
+
+    @model_validator(mode="after")
+    def _threads_fit_staleness(self) -> "ClusterConfig":
+        if self.torch_threads == "alternating" and self.staleness != 0:
+            raise ValueError(
+                "cluster.torch_threads='alternating' needs cluster.staleness=0 (at staleness 1 sampling and "
+                "training run at once, and threads beyond the CPU share slow both); use 'auto' or 'reserved'"
+            )
+        return self
+
+    def torch_threads_for(self, reserved_cpus: float, node_cores: int) -> int:
+        """Torch threads of a sampler or learner worker that reserved `reserved_cpus` on a node
+        with `node_cores` cores (see `torch_threads`).
+
+        Measured on 2 cores (issue 16): with one thread each, at staleness 0 the sampler and the
+        learner each idle one core while the other phase runs, since the phases alternate.
+        At staleness 1 they run at once, and threads beyond the CPU share slow both.
+        """
+        reserved = max(1, math.floor(reserved_cpus))
+        mode = self.torch_threads
+        if isinstance(mode, int):
+            return mode
+        if mode == "auto":
+            mode = "alternating" if self.staleness == 0 else "reserved"
+        if mode == "reserved":
+            return reserved
+        return max(reserved, node_cores // max(self.num_samplers, self.learner_workers))
 
     weight_transport: Literal["object_store"] = Field(
         "object_store",

@@ -30,7 +30,7 @@ import torch
 from ddpo_ray.config import DDPOConfig
 from ddpo_ray.distributed.exchange import EpochExchange, PublishedPolicy
 from ddpo_ray.distributed.weight_transport import make_transport
-from ddpo_ray.infra.torch_thread import match_torch_threads_to_cpus
+from ddpo_ray.infra.torch_thread import assigned_cpus, match_torch_threads_to_cpus, node_cores
 from ddpo_ray.maths.diffusion import Trajectories
 from ddpo_ray.maths.sharding import EpochShard
 from ddpo_ray.models.lora import trainable_state_dict

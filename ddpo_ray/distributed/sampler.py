@@ -217,9 +217,10 @@ class SamplerActor:
     """A `Sampler` in its own process; see the module docstring for the concurrency groups."""
 
     def __init__(self, cfg: Mapping[str, Any], sampler_id: int):
-        from ddpo_ray.infra.torch_thread import TorchThread
+        from ddpo_ray.infra.torch_thread import TorchThread, assigned_cpus, node_cores
 
-        self.torch = TorchThread("sampler")  # one torch thread per CPU this actor reserved
+        cluster = DDPOConfig.model_validate(dict(cfg)).cluster
+        self.torch = TorchThread("sampler", cluster.torch_threads_for(assigned_cpus(), node_cores()))
         use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.sampler = self.torch.call(Sampler, cfg, sampler_id, device="cuda" if use_cuda else "cpu")
 

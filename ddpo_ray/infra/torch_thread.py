@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -26,11 +27,20 @@ def assigned_cpus(default: float = 1.0) -> float:
     return float(ray.get_runtime_context().get_assigned_resources().get("CPU", default))
 
 
-def match_torch_threads_to_cpus() -> int:
-    """torch.set_num_threads(CPUs reserved for this replica, at least 1); returns the count."""
+def node_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def match_torch_threads_to_cpus(threads: int | None = None) -> int:
+    """torch.set_num_threads(`threads`, default: the CPUs reserved for this actor, at least 1);
+    returns the count."""
     import torch
 
-    threads = max(1, math.floor(assigned_cpus()))
+    threads = max(1, math.floor(assigned_cpus())) if threads is None else threads
     torch.set_num_threads(threads)
     return threads
 
@@ -46,9 +56,10 @@ class TorchThread:
     replicas send every torch call, loading included, through one of these.
     """
 
-    def __init__(self, name: str = "torch"):
+    def __init__(self, name: str = "torch", threads: int | None = None):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self.call(match_torch_threads_to_cpus)  # OpenMP's thread count is per thread: set it on this one
+        # OpenMP's thread count is per thread: set it on this one (default: the reserved CPUs)
+        self.call(match_torch_threads_to_cpus, threads)
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """`fn(*args, **kwargs)` on the torch thread; blocks until it returns (or raises)."""
