@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -55,10 +56,17 @@ def test_job_submit_runs_samplers_on_the_second_node(two_node_cluster, tmp_path)
         f"output_dir={out}", "run_name=job",
     ]
     ray_cli = str(Path(sys.executable).parent / "ray")
-    result = subprocess.run(
-        [ray_cli, "job", "submit", "--address", dashboard, "--", *entrypoint],
-        cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=400,
-    )
+    # A new cluster's dashboard answers before its job agent has registered; Ray then refuses the
+    # submission ("No available agent to submit job, please try again later") before starting
+    # anything, so trying again cannot run the job twice. Seen after other Ray tests on 2 cores.
+    for attempt in range(30):
+        result = subprocess.run(
+            [ray_cli, "job", "submit", "--address", dashboard, "--", *entrypoint],
+            cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=400,
+        )
+        if "No available agent to submit job" not in result.stdout + result.stderr:
+            break
+        time.sleep(2)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     assert "succeeded" in result.stdout.lower(), result.stdout[-3000:]
     (line,) = (out / "job" / "metrics.jsonl").read_text().splitlines()

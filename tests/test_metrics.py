@@ -102,7 +102,8 @@ def test_run_exports_ddpo_series_with_the_epochs_values(exported_run):
     assert value(samples, "ray_ddpo_policy_version", run=run) == 2
     for name, key in [("ray_ddpo_reward_mean", "reward_mean"), ("ray_ddpo_reward_std", "reward_std"),
                       ("ray_ddpo_ppo_loss", "loss"), ("ray_ddpo_ppo_approx_kl", "approx_kl"),
-                      ("ray_ddpo_ppo_clipfrac", "clipfrac"), ("ray_ddpo_advantage_std", "advantage_std")]:
+                      ("ray_ddpo_ppo_clipfrac", "clipfrac"), ("ray_ddpo_advantage_std", "advantage_std"),
+                      ("ray_ddpo_ppo_ratio_dev_before_update", "ratio_dev_before_update")]:
         assert value(samples, name, run=run) == pytest.approx(last[key], rel=1e-6, abs=1e-12), name
     for reward in ("jpeg_compressibility", "aesthetic"):
         assert value(samples, "ray_ddpo_reward_component_mean", run=run, reward=reward) == pytest.approx(
@@ -201,6 +202,8 @@ def test_single_process_loop_serves_the_same_metrics_with_prometheus_client(tmp_
     assert value(samples, "ddpo_reward_mean", run=run_name) == pytest.approx(history[0]["reward_mean"])
     assert value(samples, "ddpo_epoch_phase_seconds", run=run_name, phase="training") == pytest.approx(
         history[0]["time_training"])
+    assert value(samples, "ddpo_ppo_ratio_dev_before_update", run=run_name) == pytest.approx(
+        history[0]["ratio_dev_before_update"], abs=1e-12)
     # The rewards computed in this process count as a reward service of their own.
     assert value(samples, "ddpo_reward_service_images_total", app="jpeg_compressibility", deployment="in_process") >= 8
 

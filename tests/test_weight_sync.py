@@ -15,7 +15,12 @@ import torch
 
 from ddpo_ray.config import build_config
 from ddpo_ray.distributed.sampler import Sampler, SampleTask
-from ddpo_ray.distributed.weight_transport import InProcessTransport, ObjectStoreTransport, PolicyWeights
+from ddpo_ray.distributed.weight_transport import (
+    INITIAL_POLICY,
+    InProcessTransport,
+    ObjectStoreTransport,
+    PolicyWeights,
+)
 from ddpo_ray.maths.sharding import split_epoch
 from ddpo_ray.maths.staleness import epochs_awaiting_training, sampling_version
 from ddpo_ray.models.lora import trainable_parameters, trainable_state_dict
@@ -59,6 +64,30 @@ def test_sampler_outputs_change_after_a_sync_and_match_the_learner_exactly(rewar
     assert torch.equal(reference.next_latents, after.next_latents)
     assert torch.equal(reference.log_probs, after.log_probs)
     assert np.array_equal(reference.images.numpy(), scored.images)
+
+
+@pytest.mark.ray
+def test_a_fresh_samplers_own_adapter_is_the_learners_version_0(reward_apps):
+    """A fresh run samples epoch 0 with INITIAL_POLICY, before the learner has published anything
+    (issue 16's fast start): the same rollout, bit for bit, as with the learner's published v0."""
+    cfg = build_config(overrides=[*PLAIN, "sample.num_steps=4", "sample.batch_size=2"])
+    transport = ObjectStoreTransport()
+    learner = load_pipeline(cfg.model, seed=cfg.seed)
+    trainable_parameters(learner.unet, True, cfg.model.lora_rank, seed=cfg.seed)
+    v0 = transport.publish(trainable_state_dict(learner.unet, True), version=0)
+    task = SampleTask(epoch=0, batch_index=0, prompts=("a red circle", "two blue squares"))
+    own, sent = Sampler(cfg, sampler_id=0, transport=transport), Sampler(cfg, sampler_id=1, transport=transport)
+    mine, theirs = own.sample(task, INITIAL_POLICY), sent.sample(task, v0)
+    assert own.rewards(task, timeout_s=60).policy_version == 0 and sent.rewards(task, timeout_s=60).policy_version == 0
+    assert torch.equal(mine.next_latents, theirs.next_latents) and torch.equal(mine.log_probs, theirs.log_probs)
+    own_lora, learner_lora = trainable_state_dict(own.pipe.unet, True), trainable_state_dict(learner.unet, True)
+    assert all(torch.equal(own_lora[k], learner_lora[k]) for k in learner_lora)
+
+    randomize_lora(learner.unet, std=0.2)
+    own.sample(task, transport.publish(trainable_state_dict(learner.unet, True), version=1))
+    own.rewards(task, timeout_s=60)
+    with pytest.raises(RuntimeError, match="holds policy v1; the initial policy is only its own starting adapter"):
+        own.apply_weights(INITIAL_POLICY)
 
 
 def test_in_process_transport_round_trip():

@@ -3,8 +3,9 @@
 `ddpo_ray.training.epoch_loop.EpochLoop` runs the epochs (resume, advantages, records,
 evaluation, checkpoints, stops, the staleness policy); `RayBackend` says where the work runs:
 
-    sample:    wait for the policy version the epoch is sampled with, send the epoch's batches
-               to the sampler actors with its weights; rewards come back from Ray Serve
+    sample:    wait for the policy version the epoch is sampled with (a fresh run's version 0
+               is the samplers' own initial adapter: no wait), send the epoch's batches to the
+               sampler actors with its weights; rewards come back from Ray Serve
     train:     cut the epoch into one shard per learner worker (object refs to the samplers'
                trajectories, and the advantages) and put it in the exchange; the learner
                workers pull their shards, train, and rank 0 publishes the next version
@@ -28,7 +29,7 @@ from ddpo_ray.config import DDPOConfig
 from ddpo_ray.distributed.learner import Learner
 from ddpo_ray.distributed.sampler import SampleTask
 from ddpo_ray.distributed.sampler_pool import SamplerPool
-from ddpo_ray.distributed.weight_transport import make_transport
+from ddpo_ray.distributed.weight_transport import INITIAL_POLICY, PolicyWeights, make_transport
 from ddpo_ray.maths.sharding import split_epoch
 from ddpo_ray.records.console import PhaseCounter
 from ddpo_ray.records.run_dir import RunDirectory
@@ -51,6 +52,7 @@ class RayBackend:
 
     def start(self, run_dir: RunDirectory, first_epoch: int, resume_path: Path | None) -> None:
         cfg = self.cfg
+        self._fresh = first_epoch == 0 and resume_path is None
         self.learner = Learner(cfg, run_dir, first_epoch, resume_path)
         self.samplers = SamplerPool(cfg, name_prefix=f"sampler-{run_dir.root.name}")
         if cfg.eval.every:
@@ -59,13 +61,21 @@ class RayBackend:
             self.eval_client = RewardClient(cfg.eval_reward_weights(),
                                             timeout_s=cfg.reward.timeout_s, max_retries=cfg.reward.max_retries)
 
+    def _weights(self, policy_version: int) -> PolicyWeights:
+        """What the samplers sample `policy_version` with. A fresh run's version 0 is the adapter
+        each sampler built from the seed (`INITIAL_POLICY`), so the base evaluation and epoch 0
+        run while the learner's worker group is still starting; later versions wait for it."""
+        if policy_version == 0 and self._fresh:
+            return INITIAL_POLICY
+        return self.learner.policy(policy_version).weights
+
     def sample(self, epoch: int, prompts: list[str], policy_version: int) -> ScoredEpoch:
         start = time.perf_counter()
-        policy = self.learner.policy(policy_version)
+        weights = self._weights(policy_version)
         time_waiting = time.perf_counter() - start
         tasks = [SampleTask(epoch, b, batch) for b, batch in enumerate(epoch_batches(self.cfg, prompts))]
         self.counter.show(epoch, f"sampling {len(tasks)} batches on {len(self.samplers.actors)} samplers")
-        sampled = self.samplers.sample_epoch(tasks, policy.weights)
+        sampled = self.samplers.sample_epoch(tasks, weights)
         self.counter.clear()
         for event in sampled.events:
             log.warning("epoch %d: %s", epoch, event)
@@ -103,7 +113,7 @@ class RayBackend:
         return metrics
 
     def eval_images(self, policy_version: int) -> np.ndarray:
-        return self.samplers.generate_eval(self.learner.policy(policy_version).weights)
+        return self.samplers.generate_eval(self._weights(policy_version))
 
     def score_eval(self, images: np.ndarray, prompts: list[str]) -> Mapping[str, np.ndarray]:
         return self.eval_client(images, prompts).components

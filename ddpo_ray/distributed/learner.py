@@ -65,7 +65,7 @@ def learner_loop(config: dict[str, Any]) -> None:
     # Before RunDirectory(), which would create a local, partial copy on a node that cannot see it.
     check_run_dir_visible(config["run_dir"], f"learner worker {rank} on node {ray.get_runtime_context().get_node_id()}")
     run_dir = RunDirectory(config["run_dir"])
-    match_torch_threads_to_cpus()  # one torch thread per CPU this worker reserved
+    match_torch_threads_to_cpus(cfg.cluster.torch_threads_for(assigned_cpus(), node_cores()))  # cluster.torch_threads
     device = ray.train.torch.get_device()
 
     pipe = load_pipeline(cfg.model, device, seed=cfg.seed)

@@ -28,7 +28,7 @@ import ray
 import torch
 
 from ddpo_ray.config import DDPOConfig
-from ddpo_ray.distributed.weight_transport import PolicyWeights, WeightTransport, make_transport
+from ddpo_ray.distributed.weight_transport import INITIAL_POLICY, PolicyWeights, WeightTransport, make_transport
 from ddpo_ray.maths.diffusion import Trajectories
 from ddpo_ray.models.lora import trainable_parameters
 from ddpo_ray.models.merged_lora import MergedLora
@@ -116,6 +116,15 @@ class Sampler:
     def apply_weights(self, weights: PolicyWeights) -> float:
         """Load `weights` unless they are already current; returns the seconds it took."""
         if weights.version == self.policy_version:
+            return 0.0
+        if weights == INITIAL_POLICY:
+            if self.policy_version is not None:
+                raise RuntimeError(
+                    f"sampler {self.sampler_id} holds policy v{self.policy_version}; the initial policy "
+                    "is only its own starting adapter (a fresh run's version 0), which it no longer has"
+                )
+            self.policy_version = 0  # the adapter built in __init__, the learner's version 0
+            self.metrics.weights_applied(0, 0.0)
             return 0.0
         from ddpo_ray.models.lora import load_trainable_state_dict
 

@@ -37,6 +37,13 @@ class PolicyWeights:
     payload: Any = None  # the transport's: for the object store, a 1-tuple holding the ObjectRef
 
 
+# A fresh run's version 0: the adapter every process builds for itself from the seed
+# (`trainable_parameters(..., seed=cfg.seed)`: the learner's and each sampler's are the same
+# tensors, and LoRA's B starts at zero, so the policy is the base model). Samplers use their own
+# copy, so epoch 0 and the base evaluation need not wait for the learner to start.
+INITIAL_POLICY = PolicyWeights(version=0, num_bytes=0, payload=None)
+
+
 class WeightTransport(ABC):
     """Moves a policy's trainable weights from the learner to the samplers."""
 

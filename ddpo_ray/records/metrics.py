@@ -42,6 +42,10 @@ EPOCH_GAUGES = {  # metric name -> key in the epoch metrics
     "ddpo_ppo_approx_kl": "approx_kl",
     "ddpo_ppo_clipfrac": "clipfrac",
     "ddpo_ppo_grad_norm": "grad_norm",
+    # |ratio - 1| before the first update: ~0 at staleness 0 (training scores what sampling drew)
+    "ddpo_ppo_ratio_dev_before_update": "ratio_dev_before_update",
+    # sampler-vs-learner log-prob deviation that train.recompute_old_log_probs removed (bf16/fp16)
+    "ddpo_sampling_log_prob_dev": "sampling_log_prob_dev",
     "ddpo_epoch_seconds": "time_epoch",
     "ddpo_learner_restarts": "learner_restarts",
 }
