@@ -53,8 +53,11 @@ class RayBackend:
     def start(self, run_dir: RunDirectory, first_epoch: int, resume_path: Path | None) -> None:
         cfg = self.cfg
         self._fresh = first_epoch == 0 and resume_path is None
+        # The samplers load while the learner's worker group starts; a fresh run's epoch 0 needs
+        # only the samplers (INITIAL_POLICY), so the learner's start-up overlaps its sampling.
+        self.samplers = SamplerPool(cfg, name_prefix=f"sampler-{run_dir.root.name}", wait=False)
         self.learner = Learner(cfg, run_dir, first_epoch, resume_path)
-        self.samplers = SamplerPool(cfg, name_prefix=f"sampler-{run_dir.root.name}")
+        self.samplers.wait_until_ready()
         if cfg.eval.every:
             from reward_services.client import RewardClient
 

@@ -48,9 +48,13 @@ class SampledEpoch:
 
 
 class SamplerPool:
-    """`cluster.num_samplers` SamplerActors, created and loaded up front."""
+    """`cluster.num_samplers` SamplerActors, created and loaded up front.
 
-    def __init__(self, cfg: DDPOConfig, name_prefix: str = "ddpo-sampler"):
+    With `wait=False` the actors start loading and `wait_until_ready()` is the caller's to call:
+    the driver starts the learner meanwhile, so the two start-ups overlap.
+    """
+
+    def __init__(self, cfg: DDPOConfig, name_prefix: str = "ddpo-sampler", wait: bool = True):
         cluster = cfg.cluster
         options = dict(
             num_cpus=cluster.cpus_per_sampler,
@@ -64,7 +68,9 @@ class SamplerPool:
             SamplerActor.options(name=name, **options).remote(cfg.to_dict(), i)
             for i, name in enumerate(self.actor_names)
         ]
-        self._wait_until_ready(options, cluster.placement_timeout_s)
+        self._options, self._placement_timeout_s = options, cluster.placement_timeout_s
+        if wait:
+            self.wait_until_ready()
         self.reward_timeout_s = cfg.reward.timeout_s
         # A batch is tried at most once per life of every sampler; after that each of them died
         # on it, or is dead for good, and re-issuing again would loop forever.
@@ -72,8 +78,9 @@ class SamplerPool:
         self.max_attempts = cluster.num_samplers * lives
         self.max_restarts = cluster.sampler_max_restarts
 
-    def _wait_until_ready(self, options: dict[str, Any], timeout_s: float) -> None:
+    def wait_until_ready(self) -> None:
         """Every sampler placed and loaded, or an error: an actor no node can hold waits forever."""
+        options, timeout_s = self._options, self._placement_timeout_s
         refs = [actor.ready.remote() for actor in self.actors]
         try:
             ray.get(refs, timeout=timeout_s)  # also fails fast if a pipeline cannot load
