@@ -52,6 +52,9 @@ def serve_instance() -> ServeInstance:
 
     if ray.is_initialized():
         pytest.fail("a Ray cluster is already running in this process; the reward tests start their own")
+    from ddpo_ray.distributed.cluster import set_local_cluster_env
+
+    set_local_cluster_env()  # as the product's own local clusters: a patient Serve proxy check
     port, metrics_port = free_port(), free_port()
     # The dashboard writes Prometheus' service-discovery file (the metrics test reads it);
     # metrics are pushed to the agent every second instead of every 10.

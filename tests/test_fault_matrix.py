@@ -124,3 +124,30 @@ def test_the_drivers_waits_on_the_exchange_end_with_an_error_naming_what_never_c
             assert what in str(error) and "cluster.learner_timeout_s" in str(error)
     finally:
         ray.kill(exchange)
+
+
+@pytest.mark.ray
+def test_a_dead_exchange_stops_the_run_naming_it_and_the_learner_stops_instead_of_restarting(reward_apps, tmp_path):
+    """Killed after epoch 0 (ray.kill: what a lost node or an OOM kill does to it). Used to surface
+    as a bare RayActorError while Ray Train restarted the learner's workers against an exchange
+    that can never answer, reloading the pipeline each time (here: forever, learner_max_failures=-1)."""
+    from ddpo_ray.distributed.driver import RayBackend
+    from ddpo_ray.distributed.learner import ExchangeLostError
+    from ddpo_ray.training.epoch_loop import EpochLoop
+
+    cfg = build_config(overrides=[*CFG, "num_epochs=4", "eval.every=0", "cluster.learner_max_failures=-1",
+                                  f"output_dir={tmp_path}", "run_name=dead-exchange"])
+    backend = RayBackend(cfg)
+
+    def kill_exchange_after_epoch_0(metrics: dict) -> None:
+        if metrics["epoch"] == 0:
+            ray.kill(backend.learner.exchange)
+
+    loop = EpochLoop(cfg, backend, exporter="ray", on_epoch=kill_exchange_after_epoch_0)
+    error = finishes(loop.run, "a run whose exchange died").get("error")
+    assert isinstance(error, ExchangeLostError), error
+    assert "the epoch exchange (the actor between the driver and the learner) died" in str(error)
+    assert "resume_from=latest" in str(error)
+    backend.learner._thread.join(DEADLINE_S)  # fit() returns: its workers stopped, none restarted
+    assert not backend.learner._thread.is_alive(), "Ray Train kept restarting the learner's workers"
+    assert backend.learner.error is None

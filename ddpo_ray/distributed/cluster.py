@@ -15,6 +15,19 @@ log = logging.getLogger(__name__)
 _LOCAL_SERVICE_CPUS = 4
 
 
+# Serve kills its HTTP proxy when the proxy's process has not answered a readiness check within
+# 5 s, three times in a row: on 2 loaded cores a new proxy process takes longer than that to
+# import (seen: serve.start failing with the proxy "killed by ray.kill" while two trainings ran).
+# A cluster started here inherits this process's environment, so it gets a patient check.
+LOCAL_CLUSTER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+
+
+def set_local_cluster_env() -> None:
+    """Before ray.init starts a local cluster: `LOCAL_CLUSTER_ENV`, unless the caller set them."""
+    for name, value in LOCAL_CLUSTER_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 def local_cluster_cpus(cfg: DDPOConfig) -> int:
     """Logical CPUs for a local cluster: enough to place every actor this run asks for."""
     cluster = cfg.cluster
@@ -53,6 +66,7 @@ def connect(
         log.info("connected to the Ray cluster at %s", address)
     else:
         num_cpus = local_cluster_cpus(cfg)
+        set_local_cluster_env()
         ray.init(num_cpus=num_cpus, _metrics_export_port=metrics_export_port, **quiet)
         log.info("started a local Ray cluster (%d logical CPUs)", num_cpus)
     if cfg.metrics:

@@ -54,7 +54,20 @@ def assemble_shard(shard: EpochShard, device: torch.device) -> tuple[Trajectorie
 
 
 def learner_loop(config: dict[str, Any]) -> None:
-    """The training function every Ray Train worker runs (`train_loop_per_worker`)."""
+    """The training function every Ray Train worker runs (`train_loop_per_worker`).
+
+    A worker that finds the exchange gone (it died, or the driver dropped it) returns instead of
+    raising: an error would make Ray Train restart the group, reloading the pipeline each time,
+    against an exchange that can never answer again. The driver's next wait on the exchange
+    raises `ExchangeLostError`.
+    """
+    try:
+        _learn(config)
+    except ray.exceptions.ActorDiedError as exc:  # the only actor a worker calls is the exchange
+        print(f"learner: the epoch exchange is gone ({type(exc).__name__}); this worker stops", flush=True)
+
+
+def _learn(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
@@ -137,6 +150,10 @@ def learner_loop(config: dict[str, Any]) -> None:
         ray.get(exchange.put_checkpoint.remote(final, str(run_dir.checkpoint_path(final))))
 
 
+class ExchangeLostError(RuntimeError):
+    """The EpochExchange actor died: the epochs and versions it held are gone, so the run stops."""
+
+
 _EXCHANGE_SLACK_S = 60.0  # beyond a wait's own deadline, for the exchange to answer at all
 
 
@@ -184,14 +201,24 @@ class Learner:
             self.trainer.fit()
         except BaseException as exc:  # noqa: BLE001 - handed to the driver through the exchange
             self.error = exc
-            ray.get(self.exchange.fail.remote(f"{type(exc).__name__}: {exc}"))
+            try:
+                ray.get(self.exchange.fail.remote(f"{type(exc).__name__}: {exc}"))
+            except ray.exceptions.RayActorError:
+                pass  # the exchange is gone too: the driver's next wait says so (ExchangeLostError)
 
     def _get(self, ref: Any, timeout_s: float, what: str) -> Any:
-        """ray.get with a deadline: the exchange answers waits itself; this covers an exchange that hangs."""
+        """ray.get with a deadline: the exchange answers waits itself; this covers an exchange that
+        hangs, and one that died (its epochs and policy versions went with it)."""
         try:
             return ray.get(ref, timeout=timeout_s + _EXCHANGE_SLACK_S)
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"the epoch exchange did not answer {what} within {timeout_s + _EXCHANGE_SLACK_S:g} s") from None
+        except ray.exceptions.ActorDiedError as exc:
+            raise ExchangeLostError(
+                f"the epoch exchange (the actor between the driver and the learner) died during {what}: "
+                f"{type(exc).__name__}; the run stops here, and resume_from=latest continues it from its "
+                "last checkpoint"
+            ) from exc
 
     def put_epoch(self, epoch: int, shards: list[EpochShard]) -> None:
         self._get(self.exchange.put_epoch.remote(epoch, shards), 0.0, f"put_epoch({epoch})")
