@@ -192,3 +192,15 @@ def mean_over_ranks_worker(rank: int, world_size: int, init_file: str, out_dir: 
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"device": str(device), **reduced}))
     finally:
         dist.destroy_process_group()
+
+
+def run_bench_script(name: str, *args: str, timeout: float) -> "subprocess.CompletedProcess":
+    """`python bench/<name> ARGS` from the repo, offline, with every GPU hidden
+    (CUDA_VISIBLE_DEVICES=""), so "no CUDA" holds on every machine."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, str(REPO / "bench" / name), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)

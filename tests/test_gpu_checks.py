@@ -1,29 +1,22 @@
-"""bench/gpu_checks.py is not broken before a GPU shows up: it refuses cleanly without CUDA, and
-its table code path runs end to end on the tiny model on the CPU."""
+"""bench/gpu_checks.py and bench/gpu.py are not broken before a GPU shows up: both refuse cleanly
+without CUDA, and gpu_checks' table code path runs end to end on the tiny model on the CPU
+(gpu.py's smoke run is in test_gpu_bench.py)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import run_bench_script
 
-SCRIPT = REPO / "bench" / "gpu_checks.py"
-
-
-def run_script(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    # CUDA_VISIBLE_DEVICES="" hides any GPU, so "no CUDA" holds on every machine.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def run_script(*args: str, timeout: float):
+    return run_bench_script("gpu_checks.py", *args, timeout=timeout)
 
 
-def test_without_cuda_it_says_so_and_exits_2(tmp_path):
-    result = run_script("--out", str(tmp_path / "out.json"), timeout=120)
+@pytest.mark.parametrize("script", ["gpu_checks.py", "gpu.py"])
+def test_without_cuda_it_says_so_and_exits_2(script, tmp_path):
+    result = run_bench_script(script, "--out", str(tmp_path / "out.json"), timeout=120)
     assert result.returncode == 2, result.stderr
-    assert "needs a CUDA GPU and this machine has none" in result.stderr
+    assert f"bench/{script} needs a CUDA GPU and this machine has none" in result.stderr
     assert "--device cpu --tiny" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out.json").exists()  # nothing measured, nothing written
