@@ -10,9 +10,17 @@
 (c) weight-sync latency: publish a LoRA of rank 4 / 16 / 64 once, 1 / 2 / 4 samplers fetch it
     and load it into their UNet; time from publish to all loaded;
 (d) the time split per phase of the Ray run (sampling, waiting for rewards, training, sync);
-(e) what the ddpo_* metrics cost: the staleness-0 run again with `metrics=false`.
+(e) what the ddpo_* metrics cost: the staleness-0 run again with `metrics=false`;
+(f) time to first epoch: `python -m ddpo_ray.run num_epochs=1` as a user starts it (its own
+    local cluster, before this bench starts one), seconds until its `eval v0` and `epoch 0` lines;
+(g) whole-run memory: the peak, over the staleness-0 run, of the summed PSS (proportional set
+    size: shared pages split between the processes sharing them, so the sum is not inflated) of
+    this process and every process under it (Ray's daemons, the sampler, the learner, Serve
+    replicas);
+(h) sampling against a plain call: one tiny sampling batch through the LoRA adapter, merged (what
+    samplers do) and adapter-free (`bench/merged_sampling.py`), and the sampler actor's batch time.
 The first epoch of each run (start-up, warm-up) is left out of epoch times. Prints figures;
-writes JSON.
+writes JSON. Run it twice to see the noise of this machine.
 
     python bench/e2e.py                  # 4 epochs per run, a few minutes on 2 cores
     python bench/e2e.py --epochs 6 --skip-sync
@@ -24,8 +32,10 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -67,6 +77,64 @@ class SyncProbe:
         return time.time()
 
 
+def time_to_first_epoch(tmp: str) -> dict:
+    """Seconds from starting `python -m ddpo_ray.run num_epochs=1` to its eval v0 / epoch 0 lines."""
+    command = [sys.executable, "-u", "-m", "ddpo_ray.run", "num_epochs=1", f"output_dir={tmp}", "run_name=first-epoch"]
+    start = time.perf_counter()
+    marks: dict[str, float] = {}
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}) as process:
+        for line in process.stdout:
+            for mark, prefix in (("ray_started_s", "started a local Ray cluster"),
+                                 ("rewards_deployed_s", "deployed reward applications"),
+                                 ("eval_v0_s", "eval v0"), ("epoch0_s", "epoch    0")):
+                if line.startswith(prefix) and mark not in marks:
+                    marks[mark] = time.perf_counter() - start
+        returncode = process.wait()
+    marks["whole_process_s"] = time.perf_counter() - start
+    if returncode != 0 or "epoch0_s" not in marks:
+        raise RuntimeError(f"{' '.join(command)} exited {returncode} after {marks}")
+    return marks
+
+
+class MemoryWatch:
+    """Peak summed PSS of this process and all its descendants, sampled every `period_s`."""
+
+    def __init__(self, period_s: float = 0.5):
+        import psutil
+
+        self._psutil, self._period_s = psutil, period_s
+        self.peak_bytes, self.peak_processes = 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _total(self) -> tuple[int, int]:
+        me = self._psutil.Process()
+        total, count = 0, 0
+        for process in [me, *me.children(recursive=True)]:
+            try:
+                total += process.memory_full_info().pss
+                count += 1
+            except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
+                pass  # ended between listing and reading
+        return total, count
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            total, count = self._total()
+            if total > self.peak_bytes:
+                self.peak_bytes, self.peak_processes = total, count
+            self._stop.wait(self._period_s)
+
+    def __enter__(self) -> "MemoryWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def sync_latency(rank: int, num_samplers: int, repeats: int = 5) -> dict:
     from ddpo_ray.config import ModelConfig
     from ddpo_ray.distributed.weight_transport import ObjectStoreTransport
@@ -99,8 +167,13 @@ def main() -> int:
     cpus = os.cpu_count() or 2
     work = [f"num_epochs={args.epochs}", "save_freq=0", "cluster.num_samplers=1"]
     half = [f"cluster.cpus_per_sampler={max(1, cpus // 2)}", f"cluster.cpus_per_learner_worker={max(1, cpus // 2)}"]
-    results: dict = {"cpus": cpus, "epochs": args.epochs}
+    results: dict = {"cpus": cpus, "epochs": args.epochs, "work_steps": build_config().sample.num_steps}
     with tempfile.TemporaryDirectory() as tmp:
+        results["first_epoch"] = time_to_first_epoch(tmp)  # before this bench's cluster: one at a time
+        sys.path.insert(0, str(Path(__file__).parent))
+        from merged_sampling import measure as measure_sampling
+
+        results["plain_call"] = measure_sampling(build_config(overrides=["sample.num_steps=20"]), repeats=3, threads=cpus)
         ray.init(num_cpus=2 * cpus + 4, include_dashboard=False, log_to_driver=False)
         from ray import serve
 
@@ -116,8 +189,12 @@ def main() -> int:
                             (1, [*half, "cluster.staleness=1"]),
                             ("no_metrics", ["cluster.staleness=0", "metrics=false"])]:
             start = time.perf_counter()
-            history = run_distributed(build_config(overrides=[*work, *extra, f"output_dir={tmp}", f"run_name=ray{name}"]))
+            with MemoryWatch() as memory:
+                history = run_distributed(build_config(overrides=[*work, *extra, f"output_dir={tmp}", f"run_name=ray{name}"]))
             runs[name] = (history, time.perf_counter() - start)
+            if name == 0:
+                results["whole_run_memory_gb"] = memory.peak_bytes / 2**30
+                results["whole_run_processes"] = memory.peak_processes
 
         ray0, ray0_total = runs[0]
         ray1, ray1_total = runs[1]
@@ -136,6 +213,9 @@ def main() -> int:
         results["phases_ray_staleness0_s"] = {k: statistics.median(m[k] for m in ray0[1:]) for k in phases}
         results["phases_local_s"] = {k: statistics.median(m[k] for m in local[1:])
                                      for k in ("time_sampling", "time_reward", "time_training")}
+        # One sampler samples the epoch's batches in order: its batch time is the phase over the batches.
+        batches = build_config().sample.num_batches_per_epoch
+        results["sampler_batch_s"] = results["phases_ray_staleness0_s"]["time_sampling"] / batches
         if not args.skip_sync:
             results["weight_sync"] = [sync_latency(r, n) for r in (4, 16, 64) for n in (1, 2, 4)]
         ray.shutdown()
@@ -151,6 +231,18 @@ def main() -> int:
           f"without -> {results['metrics_on_vs_off']:.3f}x")
     print("phases, ray staleness 0 (median s):", {k: round(v, 3) for k, v in results["phases_ray_staleness0_s"].items()})
     print("phases, local (median s):", {k: round(v, 3) for k, v in results["phases_local_s"].items()})
+    first = results["first_epoch"]
+    print(f"time to first epoch (python -m ddpo_ray.run): Ray up {first.get('ray_started_s', 0):.1f}s, rewards "
+          f"deployed {first.get('rewards_deployed_s', 0):.1f}s, eval v0 {first.get('eval_v0_s', 0):.1f}s, epoch 0 "
+          f"{first['epoch0_s']:.1f}s, whole 1-epoch process {first['whole_process_s']:.1f}s")
+    print(f"whole-run memory (staleness 0, summed PSS of {results['whole_run_processes']} processes): "
+          f"{results['whole_run_memory_gb']:.2f} GB (target < 3)")
+    plain = results["plain_call"]
+    print(f"one sampling batch ({plain['batch_size']} x {plain['num_steps']} steps, CFG): adapter "
+          f"{plain['seconds']['adapter']:.3f}s, merged {plain['seconds']['merged']:.3f}s, adapter-free "
+          f"{plain['seconds']['adapter-free']:.3f}s -> merged / adapter-free {plain['merged_over_adapter_free']:.3f} "
+          f"(target <= 1.05); sampler actor batch in the Ray run ({results['work_steps']} steps) "
+          f"{results['sampler_batch_s']:.3f}s")
     for row in results.get("weight_sync", []):
         print(f"weight sync: LoRA rank {row['lora_rank']:3d} ({row['bytes'] / 1e3:.0f} kB) to {row['samplers']} "
               f"sampler(s): {row['latency_ms_median']:.1f} ms")

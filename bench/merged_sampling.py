@@ -26,19 +26,12 @@ from ddpo_ray.models.merged_lora import MergedLora
 from ddpo_ray.models.pipelines import load_pipeline
 from ddpo_ray.training.steps import sample_batch
 
+WAYS = ("adapter", "merged", "adapter-free")
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=None, help="sample.num_steps (default: the preset's)")
-    parser.add_argument("--batch", type=int, default=None, help="sample.batch_size (default: the preset's)")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/merged_sampling.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    overrides = [f"sample.num_steps={args.steps}"] * (args.steps is not None)
-    overrides += [f"sample.batch_size={args.batch}"] * (args.batch is not None)
-    cfg = build_config(overrides=overrides)
+
+def measure(cfg, repeats: int = 7, threads: int = 1) -> dict:
+    """Median seconds of one `sample_batch` through the adapter, merged and adapter-free, and ratios."""
+    torch.set_num_threads(threads)
     pipe = load_pipeline(cfg.model, "cpu", seed=cfg.seed)
     params = trainable_parameters(pipe.unet, True, cfg.model.lora_rank, seed=cfg.seed)
     with torch.no_grad():  # a trained-looking adapter (B = 0 would make every way the same)
@@ -61,21 +54,35 @@ def main() -> int:
             out = sample_batch(pipe, cfg, prompts, 0, 0, 0)
         return time.perf_counter() - start, out
 
-    ways = ("adapter", "merged", "adapter-free")
-    for way in ways:  # warm-up
+    for way in WAYS:  # warm-up
         timed(way)
-    seconds: dict[str, list[float]] = {way: [] for way in ways}
-    for _ in range(args.repeats):
-        for way in ways:
+    seconds: dict[str, list[float]] = {way: [] for way in WAYS}
+    for _ in range(repeats):
+        for way in WAYS:
             seconds[way].append(timed(way)[0])
     median = {way: statistics.median(v) for way, v in seconds.items()}
     dlogp = (timed("merged")[1].log_probs - timed("adapter")[1].log_probs).abs().max().item()
-    result = {
-        "num_steps": cfg.sample.num_steps, "batch_size": cfg.sample.batch_size, "threads": args.threads,
+    return {
+        "num_steps": cfg.sample.num_steps, "batch_size": cfg.sample.batch_size, "threads": threads,
         "seconds": median, "adapter_over_adapter_free": median["adapter"] / median["adapter-free"],
         "merged_over_adapter_free": median["merged"] / median["adapter-free"],
         "merged_over_adapter": median["merged"] / median["adapter"], "max_log_prob_difference": dlogp,
     }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=None, help="sample.num_steps (default: the preset's)")
+    parser.add_argument("--batch", type=int, default=None, help="sample.batch_size (default: the preset's)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/merged_sampling.json"))
+    args = parser.parse_args()
+    overrides = [f"sample.num_steps={args.steps}"] * (args.steps is not None)
+    overrides += [f"sample.batch_size={args.batch}"] * (args.batch is not None)
+    cfg = build_config(overrides=overrides)
+    result = measure(cfg, args.repeats, args.threads)
+    median, dlogp, ways = result["seconds"], result["max_log_prob_difference"], WAYS
     print(f"{cfg.sample.batch_size} prompts x {cfg.sample.num_steps} steps, {args.threads} thread(s), "
           f"median of {args.repeats}:")
     for way in ways:

@@ -8,7 +8,7 @@ from ddpo_ray.config import PRESETS, ConfigError, DDPOConfig, build_config
 def test_default_is_tiny_and_valid():
     cfg = build_config()
     assert cfg.preset == "tiny" and cfg.model.pretrained == "tiny"
-    assert cfg.samples_per_epoch == 32
+    assert cfg.samples_per_epoch == 64
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -49,7 +49,7 @@ def test_reward_weights(tmp_path):
         (["sample.num_steps=many"], "sample.num_steps"),          # wrong type
         (["train.timestep_fraction=0"], "train.timestep_fraction"),
         (["train.timestep_fraction=1.5"], "train.timestep_fraction"),
-        (["train.batch_size=64"], "train.batch_size=64"),         # larger than the epoch
+        (["train.batch_size=128"], "train.batch_size=128"),         # larger than the epoch
         (["train.gradient_accumulation_steps=3"], "train.gradient_accumulation_steps=3"),
         (["eval.eta=1.5"], "eval.eta"),
         (["train.lr_schedule=linear"], "train.lr_schedule"),
