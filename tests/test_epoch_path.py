@@ -56,6 +56,7 @@ def both_runs(yaml_apps, tmp_path_factory):
         *SMALL, "num_epochs=4", "save_freq=2", "train.learning_rate=1e-2", "train.clip_range=1e-2",
         "eval.every=1", "eval.prompts_per_group=2", "eval.guard_reward=jpeg_incompressibility",
         "eval.guard_margin=0.0", "trackers=[tensorboard]", f"output_dir={out}",
+        "cluster.torch_threads=1",  # the reference below runs one thread too (auto would give 2 here)
     ]
     ray_history = run_distributed(build_config(overrides=[*overrides, "run_name=ray"]))
     # Ray's sampler and learner run one torch thread each; so does the reference here, else

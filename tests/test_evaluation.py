@@ -208,11 +208,11 @@ def test_score_function_and_importance_sampling_agree_on_the_first_gradient():
 @pytest.mark.slow
 def test_ddpo_sf_takes_one_step_per_epoch(tmp_path):
     with pytest.raises(ConfigError, match="ddpo_sf.*exactly one optimizer step"):
-        build_config(overrides=["train.algorithm=ddpo_sf", "train.batch_size=8"])  # 4 minibatches of 8
+        build_config(overrides=["train.algorithm=ddpo_sf", "train.batch_size=8"])  # 8 minibatches of 8
     with pytest.raises(ConfigError, match="num_inner_epochs=2"):
-        build_config(overrides=["train.algorithm=ddpo_sf", "train.batch_size=32", "train.num_inner_epochs=2"])
+        build_config(overrides=["train.algorithm=ddpo_sf", "train.batch_size=64", "train.num_inner_epochs=2"])
     with pytest.raises(ConfigError, match="ddpo_sf.*needs cluster.staleness=0"):
-        build_config(overrides=["train.algorithm=ddpo_sf", "train.batch_size=32", "cluster.staleness=1"])
+        build_config(overrides=["train.algorithm=ddpo_sf", "train.batch_size=64", "cluster.staleness=1"])
     losses = {}
     for algorithm in ("ddpo_sf", "ddpo_is"):
         cfg = build_config(overrides=[*SMALL, f"train.algorithm={algorithm}", "num_epochs=1", "eval.every=0",
