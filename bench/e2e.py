@@ -47,6 +47,8 @@ from ddpo_ray.distributed.driver import run_distributed
 from ddpo_ray.training.local_loop import run_local
 from reward_services.client import ensure_reward_apps
 
+from merged_sampling import measure as measure_sampling  # bench/ is on sys.path: scripts run as bench/*.py
+
 
 def steady_epoch_time(history: list[dict]) -> float:
     return statistics.median(m["time_epoch"] for m in history[1:])
@@ -170,9 +172,6 @@ def main() -> int:
     results: dict = {"cpus": cpus, "epochs": args.epochs, "work_steps": build_config().sample.num_steps}
     with tempfile.TemporaryDirectory() as tmp:
         results["first_epoch"] = time_to_first_epoch(tmp)  # before this bench's cluster: one at a time
-        sys.path.insert(0, str(Path(__file__).parent))
-        from merged_sampling import measure as measure_sampling
-
         results["plain_call"] = measure_sampling(build_config(overrides=["sample.num_steps=20"]), repeats=3, threads=cpus)
         ray.init(num_cpus=2 * cpus + 4, include_dashboard=False, log_to_driver=False)
         from ray import serve

@@ -82,10 +82,10 @@ def main() -> int:
     overrides += [f"sample.batch_size={args.batch}"] * (args.batch is not None)
     cfg = build_config(overrides=overrides)
     result = measure(cfg, args.repeats, args.threads)
-    median, dlogp, ways = result["seconds"], result["max_log_prob_difference"], WAYS
+    median, dlogp = result["seconds"], result["max_log_prob_difference"]
     print(f"{cfg.sample.batch_size} prompts x {cfg.sample.num_steps} steps, {args.threads} thread(s), "
           f"median of {args.repeats}:")
-    for way in ways:
+    for way in WAYS:
         print(f"  {way:13s} {median[way]:.3f} s")
     print(f"  adapter / adapter-free {result['adapter_over_adapter_free']:.3f}   merged / adapter-free "
           f"{result['merged_over_adapter_free']:.3f}   merged / adapter {result['merged_over_adapter']:.3f}")

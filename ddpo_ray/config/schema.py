@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ddpo_ray.infra.prompt_names import PROMPT_SET_NAMES, TINY_WORLD_PROMPT_SETS
 from ddpo_ray.infra.reward_names import REWARD_NAMES
+from ddpo_ray.infra.torch_thread import assigned_cpus, node_cores
 
 
 # Experiment trackers `trackers` may name, each the pip extra that installs it
@@ -305,6 +306,10 @@ class ClusterConfig(_Section):
         if mode == "reserved":
             return reserved
         return max(reserved, node_cores // max(self.num_samplers, self.learner_workers))
+
+    def torch_threads_here(self) -> int:
+        """`torch_threads_for` the calling actor: the CPUs Ray reserved for it, its node's cores."""
+        return self.torch_threads_for(assigned_cpus(), node_cores())
 
     weight_transport: Literal["object_store"] = Field(
         "object_store",

@@ -30,7 +30,7 @@ import torch
 from ddpo_ray.config import DDPOConfig
 from ddpo_ray.distributed.exchange import EpochExchange, PublishedPolicy
 from ddpo_ray.distributed.weight_transport import make_transport
-from ddpo_ray.infra.torch_thread import assigned_cpus, match_torch_threads_to_cpus, node_cores
+from ddpo_ray.infra.torch_thread import match_torch_threads_to_cpus
 from ddpo_ray.maths.diffusion import Trajectories
 from ddpo_ray.maths.sharding import EpochShard
 from ddpo_ray.models.lora import trainable_state_dict
@@ -78,7 +78,7 @@ def _learn(config: dict[str, Any]) -> None:
     # Before RunDirectory(), which would create a local, partial copy on a node that cannot see it.
     check_run_dir_visible(config["run_dir"], f"learner worker {rank} on node {ray.get_runtime_context().get_node_id()}")
     run_dir = RunDirectory(config["run_dir"])
-    match_torch_threads_to_cpus(cfg.cluster.torch_threads_for(assigned_cpus(), node_cores()))  # cluster.torch_threads
+    match_torch_threads_to_cpus(cfg.cluster.torch_threads_here())  # cluster.torch_threads
     device = ray.train.torch.get_device()
 
     pipe = load_pipeline(cfg.model, device, seed=cfg.seed)

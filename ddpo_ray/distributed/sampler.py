@@ -226,10 +226,9 @@ class SamplerActor:
     """A `Sampler` in its own process; see the module docstring for the concurrency groups."""
 
     def __init__(self, cfg: Mapping[str, Any], sampler_id: int):
-        from ddpo_ray.infra.torch_thread import TorchThread, assigned_cpus, node_cores
+        from ddpo_ray.infra.torch_thread import TorchThread
 
-        cluster = DDPOConfig.model_validate(dict(cfg)).cluster
-        self.torch = TorchThread("sampler", cluster.torch_threads_for(assigned_cpus(), node_cores()))
+        self.torch = TorchThread("sampler", DDPOConfig.model_validate(dict(cfg)).cluster.torch_threads_here())
         use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.sampler = self.torch.call(Sampler, cfg, sampler_id, device="cuda" if use_cuda else "cpu")
 
