@@ -108,6 +108,25 @@ def test_samplers_no_node_can_hold_stop_with_an_error_naming_what_they_ask_for(r
 
 
 @pytest.mark.ray
+def test_learner_workers_no_node_can_hold_stop_the_run_with_an_error_naming_what_they_ask_for(serve_instance, tmp_path):
+    """Ray Train retries a worker group it cannot place forever (it used to end only after
+    cluster.learner_timeout_s, an hour); now the first start is bounded like the samplers'."""
+    from ddpo_ray.distributed.learner import Learner
+    from ddpo_ray.records.run_dir import RunDirectory
+
+    cfg = build_config(overrides=[*CFG, "cluster.cpus_per_learner_worker=64", "cluster.placement_timeout_s=2",
+                                  f"output_dir={tmp_path}", "run_name=unplaceable-learner"])
+    learner = Learner(cfg, RunDirectory(tmp_path / "unplaceable-learner"), first_epoch=0, resume_path=None)
+    try:
+        error = finishes(lambda: learner.policy(0), "the driver's wait for the learner's first version").get("error")
+    finally:
+        learner.abort()
+    assert isinstance(error, ray.exceptions.RayTaskError), error
+    assert "LearnerPlacementError" in str(error) and "cluster.placement_timeout_s=2" in str(error)
+    assert "1 workers (cluster.learner_workers) x {'CPU': 64.0}" in str(error)
+
+
+@pytest.mark.ray
 def test_the_drivers_waits_on_the_exchange_end_with_an_error_naming_what_never_came(serve_instance):
     """A learner that never publishes (stuck, or its workers never placed): the driver's wait
     ends after cluster.learner_timeout_s with an error, not never."""

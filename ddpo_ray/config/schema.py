@@ -252,8 +252,9 @@ class ClusterConfig(_Section):
     sampler_max_restarts: int = Field(3, ge=-1, description="-1: restart without limit")
     placement_timeout_s: float = Field(
         900.0, gt=0.0,
-        description="the samplers must be placed and have loaded their pipelines within this, else the run "
-        "stops with an error naming what they asked for (an autoscaler may add nodes meanwhile)",
+        description="the samplers, and the learner's worker group, must be placed and have loaded their "
+        "pipelines within this, else the run stops with an error naming what they asked for (an "
+        "autoscaler may add nodes meanwhile)",
     )
     learner_workers: int = Field(1, ge=1)
     gpus_per_learner_worker: float = Field(0.0, ge=0.0)

@@ -87,7 +87,17 @@ class EpochExchange:
     async def group_started(self) -> int:
         """Rank 0 of a (re)started worker group checks in; returns the restarts so far."""
         self._group_starts += 1
+        await self._notify()
         return self._group_starts - 1
+
+    async def wait_group_started(self, timeout_s: float) -> bool:
+        """Whether a worker group checked in within `timeout_s` (False: never placed or loaded)."""
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(lambda: self._group_starts > 0), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def put_policy(self, weights: PolicyWeights, metrics: dict[str, Any]) -> None:
         # A worker group restarted from a checkpoint publishes versions again: keep the newest,

@@ -150,6 +150,10 @@ def _learn(config: dict[str, Any]) -> None:
         ray.get(exchange.put_checkpoint.remote(final, str(run_dir.checkpoint_path(final))))
 
 
+class LearnerPlacementError(RuntimeError):
+    """The learner's worker group was not placed and loaded within cluster.placement_timeout_s."""
+
+
 class ExchangeLostError(RuntimeError):
     """The EpochExchange actor died: the epochs and versions it held are gone, so the run stops."""
 
@@ -195,6 +199,10 @@ class Learner:
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._fit, name="learner-fit", daemon=True)
         self._thread.start()
+        # Ray Train retries a worker group no node can hold forever; this bounds the first start.
+        self._asked = {"num_workers": cluster.learner_workers, "resources_per_worker": resources}
+        self._placement_timeout_s = cluster.placement_timeout_s
+        threading.Thread(target=self._watch_placement, name="learner-placement", daemon=True).start()
 
     def _fit(self) -> None:
         try:
@@ -205,6 +213,27 @@ class Learner:
                 ray.get(self.exchange.fail.remote(f"{type(exc).__name__}: {exc}"))
             except ray.exceptions.RayActorError:
                 pass  # the exchange is gone too: the driver's next wait says so (ExchangeLostError)
+
+    def _watch_placement(self) -> None:
+        """Fail the run (through the exchange, so the driver's next wait raises) when no worker
+        group has checked in within cluster.placement_timeout_s: placed, pipeline loaded."""
+        timeout_s = self._placement_timeout_s
+        try:
+            started = ray.get(self.exchange.wait_group_started.remote(timeout_s), timeout=timeout_s + _EXCHANGE_SLACK_S)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return  # the exchange is gone or stuck: the driver's own waits say so
+        if started or self.error is not None:
+            return
+        self.error = LearnerPlacementError(
+            f"the learner's worker group was not placed and ready within cluster.placement_timeout_s={timeout_s:g}; "
+            f"it asks for {self._asked['num_workers']} workers (cluster.learner_workers) x "
+            f"{self._asked['resources_per_worker']} (cluster.cpus_per_learner_worker, gpus_per_learner_worker), "
+            f"the cluster has {ray.cluster_resources()}"
+        )
+        try:
+            ray.get(self.exchange.fail.remote(f"LearnerPlacementError: {self.error}"))
+        except ray.exceptions.RayActorError:
+            pass
 
     def _get(self, ref: Any, timeout_s: float, what: str) -> Any:
         """ray.get with a deadline: the exchange answers waits itself; this covers an exchange that
@@ -250,7 +279,8 @@ class Learner:
         """Best effort on the way out (also after finish): stop waiting workers, drop the exchange."""
         try:
             ray.get(self.exchange.stop.remote(), timeout=10)
-            self._thread.join(30)
+            if not isinstance(self.error, LearnerPlacementError):  # else fit() is still retrying placement
+                self._thread.join(30)
             ray.kill(self.exchange)
         except Exception:  # noqa: BLE001 - the cluster may be going away; nothing to save here
             pass
