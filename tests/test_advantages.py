@@ -8,6 +8,7 @@ from ddpo_ray.maths.advantages import (
     PerPromptStatTracker,
     batch_advantages,
     group_advantages,
+    group_centred_advantages,
 )
 
 
@@ -46,6 +47,19 @@ def test_tracker_state_round_trip():
 def test_group_advantages_normalise_within_each_prompt():
     adv = group_advantages(["a", "a", "b", "b"], np.array([1.0, 3.0, 100.0, 300.0]))
     np.testing.assert_allclose(adv, [-1.0, 1.0, -1.0, 1.0], atol=1e-5)
+
+
+def test_group_centred_advantages_keep_a_flat_groups_advantages_small():
+    """Group b's rewards barely differ: per-group std makes them +-1 like a's; one epoch scale keeps
+    them 100x smaller than a's, in proportion to the differences."""
+    rewards = np.array([1.0, 3.0, 5.0, 5.02])
+    per_group = group_advantages(["a", "a", "b", "b"], rewards)
+    np.testing.assert_allclose(np.abs(per_group), 1.0, atol=1e-3)
+    centred = group_centred_advantages(["a", "a", "b", "b"], rewards)
+    scale = np.sqrt(np.mean(np.array([-1.0, 1.0, -0.01, 0.01]) ** 2))
+    np.testing.assert_allclose(centred, np.array([-1.0, 1.0, -0.01, 0.01]) / scale, rtol=1e-5)
+    assert np.mean(centred**2) == pytest.approx(1.0, abs=1e-5)
+    assert np.allclose(AdvantageEstimator("group_centred")(["a", "a", "b", "b"], rewards), centred)
 
 
 def test_batch_advantages():

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ddpo_ray.infra.prompt_names import PROMPT_SET_NAMES, TINY_WORLD_PROMPT_SETS
 from ddpo_ray.infra.reward_names import REWARD_NAMES
 from ddpo_ray.infra.torch_thread import assigned_cpus, node_cores
+from ddpo_ray.maths.advantages import GROUP_MODES
 
 
 # Experiment trackers `trackers` may name, each the pip extra that installs it
@@ -83,6 +84,11 @@ class SampleConfig(_Section):
     batch_size: int = Field(8, ge=1, description="images per sampler call")
     num_batches_per_epoch: int = Field(4, ge=1, description="in total, spread over samplers")
     samples_per_prompt: int = Field(1, ge=1, description="K samples of each prompt per epoch")
+    initial_noise: Literal["per_sample", "per_group"] = Field(
+        "per_sample", description="per_group: the K samples of a prompt start from one shared x_T "
+        "and differ only in their step noise, so group advantages no longer carry the reward "
+        "variance x_T sets, which no action explains (ddpo_ray.maths.diffusion.initial_latents)"
+    )
     merge_lora: bool = Field(
         True, description="roll out with the LoRA merged into the base weights (fp32 UNets only; "
         "the speed of the adapter-free UNet, the same policy up to rounding)"
@@ -142,7 +148,10 @@ class TrainConfig(_Section):
 
 
 class AdvantageConfig(_Section):
-    mode: Literal["per_prompt", "group", "batch"] = "batch"
+    mode: Literal["per_prompt", "group", "group_centred", "batch"] = Field(
+        "batch", description="ddpo_ray.maths.advantages: per_prompt (DDPO's tracker), group (standardised "
+        "within a prompt's K samples), group_centred (minus the group mean, one scale per epoch), batch"
+    )
     buffer_size: int = Field(16, ge=1, description="per_prompt: rewards kept per prompt")
     min_count: int = Field(16, ge=1, description="per_prompt: below this, use batch stats")
 
@@ -456,10 +465,15 @@ class DDPOConfig(_Section):
             raise ValueError(
                 f"sample.samples_per_prompt={self.sample.samples_per_prompt} does not divide {epoch}"
             )
-        if self.advantage.mode == "group" and self.sample.samples_per_prompt < 2:
+        if self.advantage.mode in GROUP_MODES and self.sample.samples_per_prompt < 2:
             raise ValueError(
-                "advantage.mode='group' normalises within groups of one prompt, so it needs "
+                f"advantage.mode={self.advantage.mode!r} normalises within groups of one prompt, so it needs "
                 f"sample.samples_per_prompt >= 2 (got {self.sample.samples_per_prompt})"
+            )
+        if self.sample.initial_noise == "per_group" and self.advantage.mode not in GROUP_MODES:
+            raise ValueError(
+                "sample.initial_noise='per_group' shares x_T within a prompt's group, which only "
+                f"removes noise from group advantages; set advantage.mode to one of {GROUP_MODES} (got {self.advantage.mode!r})"
             )
         if self.num_train_timesteps < 1:
             raise ValueError(

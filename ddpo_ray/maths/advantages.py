@@ -6,6 +6,10 @@ Three estimators, chosen by `advantage.mode`:
   easy prompts do not drown out hard ones. Until a prompt has `min_count` rewards, the whole
   batch's statistics stand in. The history is state and goes into checkpoints.
 - group: standardise within the K samples of each prompt drawn this epoch (GRPO-style).
+- group_centred: subtract each prompt's group mean, then divide by one scale for the epoch
+  (the std of all centred rewards). Dividing by each group's own std turns a group whose K
+  rewards barely differ (nothing there to learn) into full-size advantages of its noise;
+  one scale keeps such a group's advantages as small as its differences (Dr. GRPO's point).
 - batch: standardise over the whole epoch.
 """
 
@@ -17,6 +21,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 EPS = 1e-6
+ADVANTAGE_MODES = ("per_prompt", "group", "group_centred", "batch")
+GROUP_MODES = ("group", "group_centred")  # need K >= 2 samples of each prompt per epoch
 
 
 def _check(prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
@@ -48,6 +54,17 @@ def group_advantages(prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
         group = rewards[mask]
         advantages[mask] = (group - group.mean()) / (group.std() + EPS)
     return advantages
+
+
+def group_centred_advantages(prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
+    """Each reward minus its prompt group's mean, over the std of all those differences."""
+    rewards = _check(prompts, rewards)
+    prompts_arr = np.asarray(prompts, dtype=object)
+    centred = np.empty_like(rewards)
+    for prompt in dict.fromkeys(prompts):
+        mask = prompts_arr == prompt
+        centred[mask] = rewards[mask] - rewards[mask].mean()
+    return centred / (np.sqrt(np.mean(centred**2)) + EPS)
 
 
 class PerPromptStatTracker:
@@ -109,8 +126,8 @@ class AdvantageEstimator:
     """The estimator `advantage.mode` names, behind one call; stateful only for per_prompt."""
 
     def __init__(self, mode: str, buffer_size: int = 16, min_count: int = 16) -> None:
-        if mode not in ("per_prompt", "group", "batch"):
-            raise ValueError(f"advantage.mode={mode!r}; expected per_prompt, group or batch")
+        if mode not in ADVANTAGE_MODES:
+            raise ValueError(f"advantage.mode={mode!r}; expected one of {', '.join(ADVANTAGE_MODES)}")
         self.mode = mode
         self.tracker = PerPromptStatTracker(buffer_size, min_count) if mode == "per_prompt" else None
 
@@ -119,6 +136,8 @@ class AdvantageEstimator:
             return self.tracker.update(prompts, rewards)
         if self.mode == "group":
             return group_advantages(prompts, rewards)
+        if self.mode == "group_centred":
+            return group_centred_advantages(prompts, rewards)
         return batch_advantages(_check(prompts, rewards))
 
     def state_dict(self) -> dict[str, Any]:

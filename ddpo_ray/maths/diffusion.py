@@ -300,10 +300,13 @@ def sample_trajectories(
     generator: torch.Generator | list[torch.Generator] | None = None,
     compute_dtype: torch.dtype = torch.float32,
     policy_version: int = 0,
+    initial_noise: torch.Tensor | None = None,
 ) -> Trajectories:
     """Run DDIM with log-probs for `prompts`, recording every step, and decode the images.
 
-    Latents stay fp32 between steps (the UNet itself may run in `compute_dtype`).
+    Latents stay fp32 between steps (the UNet itself may run in `compute_dtype`). x_T is drawn
+    from `generator` unless `initial_noise` (standard normal, one latent per prompt) is given;
+    the step noise always comes from `generator`.
     """
     if not prompts:
         raise ValueError("sample_trajectories needs at least one prompt")
@@ -315,7 +318,12 @@ def sample_trajectories(
     scheduler.set_timesteps(num_steps, device=device)
     latent_size = resolution // pipe.vae_scale_factor
     shape = (batch, unet.config.in_channels, latent_size, latent_size)
-    latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    if initial_noise is None:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    elif tuple(initial_noise.shape) != shape:
+        raise ValueError(f"initial_noise has shape {tuple(initial_noise.shape)}; expected {shape}")
+    else:
+        latents = initial_noise.to(device=device, dtype=torch.float32)
     latents = latents * scheduler.init_noise_sigma
 
     all_latents, all_next, all_log_probs = [], [], []

@@ -14,6 +14,7 @@ import torch
 SAMPLING = 1
 TRAINING = 2
 EVALUATION = 3
+INITIAL_NOISE = 4  # x_T shared by a prompt's group (sample.initial_noise: per_group)
 
 
 def derive_seed(*keys: int) -> int:

@@ -26,7 +26,7 @@ from ddpo_ray.maths.ppo import (
     set_learning_rate,
     train_epoch,
 )
-from ddpo_ray.maths.seeding import SAMPLING, TRAINING, make_generator
+from ddpo_ray.maths.seeding import INITIAL_NOISE, SAMPLING, TRAINING, make_generator
 from ddpo_ray.models.lora import trainable_parameters
 
 
@@ -41,8 +41,12 @@ def epoch_batches(cfg: DDPOConfig, prompts: Sequence[str]) -> list[tuple[str, ..
 def sample_batch(
     pipe, cfg: DDPOConfig, prompts: Sequence[str], epoch: int, batch_index: int, policy_version: int
 ) -> Trajectories:
-    """Sampling batch `batch_index` of `epoch`; its noise depends only on (seed, epoch, batch)."""
+    """Sampling batch `batch_index` of `epoch`; its noise depends only on (seed, epoch, batch),
+    and with `sample.initial_noise: per_group` its x_T on (seed, epoch, prompt group)."""
     generator = make_generator(cfg.seed, SAMPLING, epoch, batch_index, device=pipe.unet.device)
+    initial_noise = None
+    if cfg.sample.initial_noise == "per_group":
+        initial_noise = group_initial_noise(pipe, cfg, epoch, batch_index, len(prompts))
     return sample_trajectories(
         pipe,
         list(prompts),
@@ -53,7 +57,25 @@ def sample_batch(
         generator=generator,
         compute_dtype=compute_dtype(cfg.model.mixed_precision),
         policy_version=policy_version,
+        initial_noise=initial_noise,
     )
+
+
+def group_initial_noise(pipe, cfg: DDPOConfig, epoch: int, batch_index: int, batch: int) -> torch.Tensor:
+    """x_T for each sample of a sampling batch when a prompt's K samples share one: sample j of
+    the epoch belongs to group j // K (PromptSampler lays groups out contiguously), and each
+    group's x_T is drawn from (seed, epoch, group) alone, so a group split over two batches, or
+    two samplers, still shares it."""
+    unet = pipe.unet
+    size = cfg.sample.resolution // pipe.vae_scale_factor
+    shape = (1, unet.config.in_channels, size, size)
+    first = batch_index * cfg.sample.batch_size
+    groups = [(first + i) // cfg.sample.samples_per_prompt for i in range(batch)]
+    noise = {
+        g: torch.randn(shape, generator=make_generator(cfg.seed, INITIAL_NOISE, epoch, g), dtype=torch.float32)
+        for g in dict.fromkeys(groups)
+    }
+    return torch.cat([noise[g] for g in groups]).to(unet.device)
 
 
 def train_guidance_scale(cfg: DDPOConfig) -> float:
