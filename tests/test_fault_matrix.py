@@ -18,7 +18,7 @@ import ray
 
 from ddpo_ray.config import build_config
 from ddpo_ray.distributed.sampler import Sampler, SampleTask, SamplingError
-from ddpo_ray.distributed.weight_transport import InProcessTransport, PolicyWeights
+from ddpo_ray.distributed.weight_transport import InProcessTransport, ObjectStoreTransport, PolicyWeights
 from tests.helpers import SMALL
 
 DEADLINE_S = 120.0  # far beyond the few seconds these take; only a hang reaches it
@@ -111,7 +111,7 @@ def test_samplers_no_node_can_hold_stop_with_an_error_naming_what_they_ask_for(r
 def test_learner_workers_no_node_can_hold_stop_the_run_with_an_error_naming_what_they_ask_for(serve_instance, tmp_path):
     """Ray Train retries a worker group it cannot place forever (it used to end only after
     cluster.learner_timeout_s, an hour); now the first start is bounded like the samplers'."""
-    from ddpo_ray.distributed.learner import Learner
+    from ddpo_ray.distributed.learner import Learner, LearnerError
     from ddpo_ray.records.run_dir import RunDirectory
 
     cfg = build_config(overrides=[*CFG, "cluster.cpus_per_learner_worker=64", "cluster.placement_timeout_s=2",
@@ -121,7 +121,7 @@ def test_learner_workers_no_node_can_hold_stop_the_run_with_an_error_naming_what
         error = finishes(lambda: learner.policy(0), "the driver's wait for the learner's first version").get("error")
     finally:
         learner.abort()
-    assert isinstance(error, ray.exceptions.RayTaskError), error
+    assert isinstance(error, LearnerError), error
     assert "LearnerPlacementError" in str(error) and "cluster.placement_timeout_s=2" in str(error)
     assert "1 workers (cluster.learner_workers) x {'CPU': 64.0}" in str(error)
 
@@ -170,3 +170,59 @@ def test_a_dead_exchange_stops_the_run_naming_it_and_the_learner_stops_instead_o
     backend.learner._thread.join(DEADLINE_S)  # fit() returns: its workers stopped, none restarted
     assert not backend.learner._thread.is_alive(), "Ray Train kept restarting the learner's workers"
     assert backend.learner.error is None
+
+
+@ray.remote(num_cpus=0)
+class _Publisher:
+    """Publishes weights the way learner rank 0 does (`ray.put` in its own process, so it owns them)."""
+
+    def publish(self, state, version: int) -> PolicyWeights:
+        return ObjectStoreTransport().publish(state, version)
+
+
+def _adapter_state(cfg) -> dict:
+    from ddpo_ray.models.lora import trainable_parameters, trainable_state_dict
+    from ddpo_ray.models.pipelines import load_pipeline
+
+    unet = load_pipeline(cfg.model).unet
+    trainable_parameters(unet, cfg.model.use_lora, cfg.model.lora_rank, seed=cfg.seed)
+    return trainable_state_dict(unet, cfg.model.use_lora)
+
+
+@pytest.mark.ray
+def test_a_batch_whose_weights_died_with_their_owner_is_sampled_again_with_the_republished_copy(reward_apps):
+    """Real: the weights' owner is killed before the samplers fetch them, what a learner rank 0
+    killed at staleness 0 does to the version the samplers are about to load (bench/faults.py
+    found that run stopping with OwnerDiedError). With `republished` the batches are sampled
+    again with the restarted learner's copy; without it the error names the lost weights."""
+    from ddpo_ray.distributed.sampler import WeightsLostError
+    from ddpo_ray.distributed.sampler_pool import SamplerPool
+
+    cfg = build_config(overrides=CFG)
+    state = _adapter_state(cfg)
+    publisher = _Publisher.remote()
+    lost = ray.get(publisher.publish.remote(state, 1))
+    ray.kill(publisher)
+    asked = []
+
+    def republished(weights: PolicyWeights) -> PolicyWeights:
+        asked.append(weights)
+        return ObjectStoreTransport().publish(state, weights.version)
+
+    tasks = [SampleTask(epoch=1, batch_index=b, prompts=("a red circle", "a blue square")) for b in range(2)]
+    pool = SamplerPool(cfg, name_prefix="fault-lost-weights")
+    try:
+        without = finishes(lambda: pool.sample_epoch(tasks[:1], lost), "sample_epoch without republished")
+        outcome = finishes(lambda: pool.sample_epoch(tasks, lost, republished=republished), "sample_epoch")
+    finally:
+        pool.shutdown()
+    sampled = outcome.get("result")
+    assert sampled is not None, outcome
+    assert [b.task.batch_index for b in sampled.batches] == [0, 1]
+    assert all(b.policy_version == 1 for b in sampled.batches)
+    assert asked == [lost], "one republished copy for the epoch, not one per batch"
+    assert sampled.reissued == 2 and all("weights were lost with their owner" in e for e in sampled.events)
+    error = without.get("error")
+    assert isinstance(error, SamplingError), without
+    assert "batch 0 of epoch 1: policy v1's weights were lost with their owner" in str(error)
+    assert issubclass(WeightsLostError, SamplingError)

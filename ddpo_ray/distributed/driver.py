@@ -78,7 +78,7 @@ class RayBackend:
         time_waiting = time.perf_counter() - start
         tasks = [SampleTask(epoch, b, batch) for b, batch in enumerate(epoch_batches(self.cfg, prompts))]
         self.counter.show(epoch, f"sampling {len(tasks)} batches on {len(self.samplers.actors)} samplers")
-        sampled = self.samplers.sample_epoch(tasks, weights)
+        sampled = self.samplers.sample_epoch(tasks, weights, republished=self.learner.republished)
         self.counter.clear()
         for event in sampled.events:
             log.warning("epoch %d: %s", epoch, event)

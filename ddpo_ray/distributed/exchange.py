@@ -105,10 +105,18 @@ class EpochExchange:
         self._policies[weights.version] = PublishedPolicy(weights, metrics)
         await self._notify()
 
-    async def get_policy(self, version: int, timeout_s: float | None = None) -> PublishedPolicy:
-        """Policy `version`, waiting for it; raises if the learner failed first."""
-        await self._wait_for(lambda: version in self._policies or self._error is not None, timeout_s,
-                             f"policy version {version}")
+    async def get_policy(
+        self, version: int, timeout_s: float | None = None, replacing: PolicyWeights | None = None
+    ) -> PublishedPolicy:
+        """Policy `version`, waiting for it; raises if the learner failed first. With `replacing`
+        (a copy whose owner died), waits for the version to be published anew by a restarted
+        worker group."""
+
+        def published() -> bool:
+            return version in self._policies and self._policies[version].weights != replacing
+
+        await self._wait_for(lambda: published() or self._error is not None, timeout_s,
+                             f"policy version {version}" + (" published anew" if replacing is not None else ""))
         if version not in self._policies:
             raise RuntimeError(f"the learner failed before publishing policy version {version}: {self._error}")
         return self._policies[version]

@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ddpo_ray.config import DDPOConfig
 from ddpo_ray.distributed.exchange import EpochExchange, PublishedPolicy
-from ddpo_ray.distributed.weight_transport import make_transport
+from ddpo_ray.distributed.weight_transport import PolicyWeights, make_transport
 from ddpo_ray.infra.torch_thread import match_torch_threads_to_cpus
 from ddpo_ray.maths.diffusion import Trajectories
 from ddpo_ray.maths.sharding import EpochShard
@@ -154,6 +155,10 @@ class LearnerPlacementError(RuntimeError):
     """The learner's worker group was not placed and loaded within cluster.placement_timeout_s."""
 
 
+class LearnerError(RuntimeError):
+    """A driver's wait on the learner ended in an error: a deadline, or the learner's own failure."""
+
+
 class ExchangeLostError(RuntimeError):
     """The EpochExchange actor died: the epochs and versions it held are gone, so the run stops."""
 
@@ -168,7 +173,10 @@ class Learner:
         from ray.train import FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        self.exchange = EpochExchange.remote()
+        # On the driver's node: it holds every epoch in flight, so it must not share the fate
+        # of a sampler's or a learner's node (measured: a removed sampler node took it along).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.exchange = EpochExchange.options(scheduling_strategy=here).remote()
         cluster = cfg.cluster
         self.timeout_s = cluster.learner_timeout_s
         use_gpu = cluster.gpus_per_learner_worker > 0
@@ -242,6 +250,8 @@ class Learner:
             return ray.get(ref, timeout=timeout_s + _EXCHANGE_SLACK_S)
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"the epoch exchange did not answer {what} within {timeout_s + _EXCHANGE_SLACK_S:g} s") from None
+        except ray.exceptions.RayTaskError as exc:  # the exchange's answer: the learner failed, or a deadline passed
+            raise LearnerError(f"{what}: {exc.cause}") from None
         except ray.exceptions.ActorDiedError as exc:
             raise ExchangeLostError(
                 f"the epoch exchange (the actor between the driver and the learner) died during {what}: "
@@ -256,6 +266,12 @@ class Learner:
         """Policy `version` (waits for the learner to publish it, at most cluster.learner_timeout_s)."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         return self._get(self.exchange.get_policy.remote(version, timeout_s), timeout_s, f"policy({version})")
+
+    def republished(self, lost: PolicyWeights) -> PolicyWeights:
+        """The same policy version as `lost` (whose owner, rank 0 of a worker group that died,
+        took its object-store copy along), once the restarted group has published it again."""
+        ref = self.exchange.get_policy.remote(lost.version, self.timeout_s, replacing=lost)
+        return self._get(ref, self.timeout_s, f"policy({lost.version}) published anew").weights
 
     def checkpoint(self, epoch: int, timeout_s: float | None = None) -> Path:
         """The directory of checkpoint `epoch` once the learner's half is written (same deadline)."""

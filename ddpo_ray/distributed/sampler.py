@@ -70,6 +70,11 @@ class SamplingError(RuntimeError):
     """A sampler's `sample` raised for a batch; the message names the sampler, the batch and the cause."""
 
 
+class WeightsLostError(SamplingError):
+    """The batch's policy weights are gone from the object store (their owner, learner rank 0,
+    died): the batch can be sampled again once the restarted learner republishes the version."""
+
+
 @dataclass
 class _InFlight:
     pending: Any  # reward_services.client.PendingRewards
@@ -194,7 +199,8 @@ class Sampler:
             while task.key not in self._in_flight:
                 failure = self._failed.pop(task.key, None)
                 if failure is not None:
-                    raise SamplingError(
+                    error = WeightsLostError if isinstance(failure, ray.exceptions.ObjectLostError) else SamplingError
+                    raise error(
                         f"sampler {self.sampler_id}: batch {task.batch_index} of epoch {task.epoch} failed "
                         f"while sampling: {type(failure).__name__}: {failure}"
                     ) from failure

@@ -17,16 +17,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from ddpo_ray.config import DDPOConfig
-from ddpo_ray.distributed.sampler import SamplerActor, SampleTask, SamplingError, ScoredBatch
+from ddpo_ray.distributed.sampler import SamplerActor, SampleTask, SamplingError, ScoredBatch, WeightsLostError
 from ddpo_ray.distributed.weight_transport import PolicyWeights
 
 _SAMPLER_LOST = (RayActorError, ActorUnavailableError)
+_MAX_WEIGHT_REFRESHES = 3  # per epoch: each is a learner restart while the epoch was sampling
 _MAX_UNAVAILABLE = 120  # x the back-off: how long an epoch waits out samplers Ray calls unavailable
 _UNAVAILABLE_BACKOFF_S = 1.0
 
@@ -106,8 +107,13 @@ class SamplerPool:
         self,
         tasks: Sequence[SampleTask],
         weights: PolicyWeights,
+        republished: Callable[[PolicyWeights], PolicyWeights] | None = None,
     ) -> SampledEpoch:
-        """Sample and score every task with `weights`; returns them in `batch_index` order."""
+        """Sample and score every task with `weights`; returns them in `batch_index` order.
+
+        A batch whose weights were lost (`WeightsLostError`: the learner rank that published them
+        died) is sampled again with `republished(weights)`, the same version published anew by
+        the restarted learner; without `republished` it is an error."""
         start = time.perf_counter()
         in_flight: dict[Any, tuple[SampleTask, int, Any]] = {}
         for i, task in enumerate(tasks):
@@ -124,6 +130,8 @@ class SamplerPool:
         attempts: dict[int, int] = {}  # batch_index -> tries so far, for those tried more than once
         unavailable = 0  # ActorUnavailableError answers this epoch (transient, so not a spent life)
         events: list[str] = []
+        refreshes = 0
+        sent_with = {task.batch_index: weights for task in tasks}  # the weights each try was given
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             task, index, trajectories = in_flight.pop(ready[0])
@@ -153,10 +161,28 @@ class SamplerPool:
                 events.append(f"batch {task.batch_index}: {sampler} lost ({type(exc).__name__}); re-issued")
                 index += 1
                 trajectories, ref = self._dispatch(task, index, weights)
+                sent_with[task.batch_index] = weights
                 in_flight[ref] = (task, index, trajectories)
                 continue
             except RayTaskError as exc:  # the sampler is alive but its sample (or rewards) raised
-                raise SamplingError(f"{sampler}, batch {task.batch_index} of epoch {task.epoch}: {exc.cause}") from None
+                lost = isinstance(exc.cause, WeightsLostError)
+                if lost and republished is not None and refreshes < _MAX_WEIGHT_REFRESHES:
+                    if sent_with[task.batch_index] == weights:  # the first try to find these weights gone
+                        weights = republished(weights)
+                        refreshes += 1
+                    events.append(f"batch {task.batch_index}: policy v{weights.version}'s weights were lost with "
+                                  f"their owner; re-issued with the learner's republished copy")
+                    reissued += 1
+                    trajectories, ref = self._dispatch(task, index, weights)
+                    sent_with[task.batch_index] = weights
+                    in_flight[ref] = (task, index, trajectories)
+                    continue
+                why = ""
+                if lost:
+                    why = (f"policy v{weights.version}'s weights were lost with their owner and "
+                           + ("no republished copy can be asked for here; " if republished is None else
+                              f"{refreshes} republished copies were lost too; "))
+                raise SamplingError(f"{sampler}, batch {task.batch_index} of epoch {task.epoch}: {why}{exc.cause}") from None
             if scored.policy_version != weights.version:
                 raise RuntimeError(f"batch {task.batch_index} of epoch {task.epoch} was sampled with policy "
                                    f"v{scored.policy_version}, not the v{weights.version} it was sent with")
