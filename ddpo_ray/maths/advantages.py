@@ -44,13 +44,17 @@ def batch_advantages(rewards: np.ndarray) -> np.ndarray:
     return (rewards - rewards.mean()) / (rewards.std() + EPS)
 
 
+def _group_masks(prompts: Sequence[str]) -> list[np.ndarray]:
+    """One boolean mask per distinct prompt, in first-seen order."""
+    prompts_arr = np.asarray(prompts, dtype=object)
+    return [prompts_arr == prompt for prompt in dict.fromkeys(prompts)]
+
+
 def group_advantages(prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
     """Standardise each reward within the samples of the same prompt in this batch."""
     rewards = _check(prompts, rewards)
-    prompts_arr = np.asarray(prompts, dtype=object)
     advantages = np.empty_like(rewards)
-    for prompt in dict.fromkeys(prompts):
-        mask = prompts_arr == prompt
+    for mask in _group_masks(prompts):
         group = rewards[mask]
         advantages[mask] = (group - group.mean()) / (group.std() + EPS)
     return advantages
@@ -59,10 +63,8 @@ def group_advantages(prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
 def group_centred_advantages(prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
     """Each reward minus its prompt group's mean, over the std of all those differences."""
     rewards = _check(prompts, rewards)
-    prompts_arr = np.asarray(prompts, dtype=object)
     centred = np.empty_like(rewards)
-    for prompt in dict.fromkeys(prompts):
-        mask = prompts_arr == prompt
+    for mask in _group_masks(prompts):
         centred[mask] = rewards[mask] - rewards[mask].mean()
     return centred / (np.sqrt(np.mean(centred**2)) + EPS)
 
