@@ -144,15 +144,21 @@ def train_worker_pids() -> list[int]:
     return pids
 
 
+def in_epoch_1(tmp: Path, name: str, sampler: int) -> WatchedRun:
+    """A run `name`, once sampler `sampler` has sampled its first batch of epoch 1."""
+    run = WatchedRun(config(tmp, name))
+    run.wait_epoch(0)
+    actor = f"sampler-{name}-{sampler}"
+    before = sampled(actor)
+    wait_until(lambda: sampled(actor) > before, 120, f"{actor}'s first batch of epoch 1")
+    return run
+
+
 # --- the faults ---------------------------------------------------------------------------------
 def sampler_killed(tmp: Path, cluster) -> FaultRow:
-    run = WatchedRun(config(tmp, "sampler-killed"))
-    run.wait_epoch(0)
-    name = "sampler-sampler-killed-0"
-    before = sampled(name)
-    wait_until(lambda: sampled(name) > before, 120, "sampler 0's first batch of epoch 1")
+    run = in_epoch_1(tmp, "sampler-killed", 0)
     fault_at = time.monotonic()
-    ray.kill(ray.get_actor(name), no_restart=False)  # dies with queued work, and restarts
+    ray.kill(ray.get_actor("sampler-sampler-killed-0"), no_restart=False)  # dies with queued work, and restarts
     return run.row("sampler killed mid-epoch (it restarts)", fault_at)
 
 
@@ -214,11 +220,7 @@ def exchange_killed(tmp: Path, cluster) -> FaultRow:
 
 def node_removed(tmp: Path, cluster) -> FaultRow:
     """The second node holds sampler 1 and, in its object store, the trajectories it sampled."""
-    run = WatchedRun(config(tmp, "node-removed"))
-    run.wait_epoch(0)
-    name = "sampler-node-removed-1"
-    before = sampled(name)
-    wait_until(lambda: sampled(name) > before, 120, "sampler 1's first batch of epoch 1")
+    run = in_epoch_1(tmp, "node-removed", 1)
     fault_at = time.monotonic()
     cluster.remove_node(next(iter(cluster.worker_nodes)))
     row = run.row("node holding a sampler and its trajectories removed", fault_at)

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import ray
+import torch
 
 from ddpo_ray.config import build_config
 from ddpo_ray.distributed.sampler import Sampler, SampleTask, SamplingError
@@ -41,6 +43,29 @@ def finishes(call, what: str):
     thread.join(DEADLINE_S)
     assert not thread.is_alive(), f"{what}: still waiting after {DEADLINE_S:.0f} s (a hang)"
     return outcome
+
+
+def killed(actor) -> None:
+    """ray.kill, and wait until the actor is gone (ray.kill only asks for it)."""
+    ray.kill(actor)
+    for _ in range(600):
+        try:
+            ray.get(actor.__ray_ready__.remote(), timeout=5)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return
+        threading.Event().wait(0.1)
+    raise AssertionError(f"{actor} still answers after ray.kill")
+
+
+def lost_for_good(ref) -> None:
+    """Wait until `ref`, whose owner was killed, is gone (the node frees it a moment later)."""
+    for _ in range(600):
+        try:
+            ray.get(ref, timeout=5)
+        except ray.exceptions.ObjectLostError:
+            return
+        threading.Event().wait(0.1)
+    raise AssertionError("the object outlived its owner for a minute")
 
 
 def bad_task(epoch: int = 0, batch_index: int = 3) -> SampleTask:
@@ -202,7 +227,8 @@ def test_a_batch_whose_weights_died_with_their_owner_is_sampled_again_with_the_r
     state = _adapter_state(cfg)
     publisher = _Publisher.remote()
     lost = ray.get(publisher.publish.remote(state, 1))
-    ray.kill(publisher)
+    killed(publisher)
+    lost_for_good(lost.payload[0])
     asked = []
 
     def republished(weights: PolicyWeights) -> PolicyWeights:
@@ -226,3 +252,30 @@ def test_a_batch_whose_weights_died_with_their_owner_is_sampled_again_with_the_r
     assert isinstance(error, SamplingError), without
     assert "batch 0 of epoch 1: policy v1's weights were lost with their owner" in str(error)
     assert issubclass(WeightsLostError, SamplingError)
+
+
+@ray.remote(num_cpus=0)
+class _Holder:
+    """Owns an object it put, as a sampler owns nothing but its node's store holds its batches."""
+
+    def put(self, value):
+        return [ray.put(value)]  # in a list: returned as a ref, not resolved
+
+
+@pytest.mark.ray
+def test_trajectories_lost_with_their_node_stop_the_learner_with_an_error_naming_the_epoch(serve_instance):
+    """Real lost objects (their owner killed). bench/faults.py found a removed sampler node
+    failing the learner's shard fetch on every Ray Train restart, each reloading the pipeline;
+    now the fetch names the epoch and the parts, and the loop does not retry it."""
+    from ddpo_ray.distributed.learner import TrajectoriesLostError, assemble_shard
+    from ddpo_ray.maths.sharding import EpochShard
+
+    holder = _Holder.remote()
+    # Large enough for the shared object store (a small object would travel inline with the ref).
+    (ref,) = ray.get(holder.put.remote(np.zeros(1 << 20)))
+    killed(holder)
+    lost_for_good(ref)
+    shard = EpochShard(epoch=5, parts=[(ref, 0, 4)], advantages=np.zeros(4, dtype=np.float32))
+    error = finishes(lambda: assemble_shard(shard, torch.device("cpu")), "assemble_shard").get("error")
+    assert isinstance(error, TrajectoriesLostError), error
+    assert "epoch 5: the trajectories of parts [0] of 1" in str(error) and "resume_from=latest" in str(error)

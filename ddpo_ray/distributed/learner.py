@@ -43,9 +43,22 @@ from ddpo_ray.training.collectives import mean_over_ranks, reduction_device
 from ddpo_ray.training.steps import make_trainer_state, train_inner_epochs
 
 
+class TrajectoriesLostError(RuntimeError):
+    """An epoch's trajectories left the object store with the node that sampled them."""
+
+
 def assemble_shard(shard: EpochShard, device: torch.device) -> tuple[Trajectories, torch.Tensor]:
     """Fetch a shard's trajectory rows from the object store: (trajectories, advantages)."""
-    batches = ray.get([ref for ref, _, _ in shard.parts])
+    refs = [ref for ref, _, _ in shard.parts]
+    try:
+        batches = ray.get(refs)
+    except ray.exceptions.ObjectLostError as exc:
+        lost = [i for i, ref in enumerate(refs) if _is_lost(ref)]
+        raise TrajectoriesLostError(
+            f"epoch {shard.epoch}: the trajectories of parts {lost} of {len(refs)} in this learner's shard "
+            f"were lost ({type(exc).__name__}: the node that sampled them left the cluster); they cannot be "
+            "fetched again, so the run stops here, and resume_from=latest samples the epoch anew"
+        ) from None
     rows = [batch.select(range(start, stop)) for batch, (_, start, stop) in zip(batches, shard.parts)]
     trajectories = Trajectories.concat(rows).to(device)
     advantages = torch.tensor(np.array(shard.advantages, dtype=np.float32), device=device)  # own, writable copy
@@ -54,18 +67,33 @@ def assemble_shard(shard: EpochShard, device: torch.device) -> tuple[Trajectorie
     return trajectories, advantages
 
 
+def _is_lost(ref: Any) -> bool:
+    try:
+        ray.get(ref, timeout=10)
+        return False
+    except (ray.exceptions.ObjectLostError, ray.exceptions.GetTimeoutError):
+        return True
+
+
 def learner_loop(config: dict[str, Any]) -> None:
     """The training function every Ray Train worker runs (`train_loop_per_worker`).
 
     A worker that finds the exchange gone (it died, or the driver dropped it) returns instead of
     raising: an error would make Ray Train restart the group, reloading the pipeline each time,
     against an exchange that can never answer again. The driver's next wait on the exchange
-    raises `ExchangeLostError`.
+    raises `ExchangeLostError`. Lost trajectories end the same way (a restart would find them
+    lost too), after telling the exchange, so the driver's wait names them.
     """
     try:
         _learn(config)
     except ray.exceptions.ActorDiedError as exc:  # the only actor a worker calls is the exchange
         print(f"learner: the epoch exchange is gone ({type(exc).__name__}); this worker stops", flush=True)
+    except TrajectoriesLostError as exc:  # a restart would fetch the same lost objects: not retried
+        print(f"learner: {exc}", flush=True)
+        try:
+            ray.get(config["exchange"].fail.remote(f"TrajectoriesLostError: {exc}"))
+        except ray.exceptions.RayActorError:
+            pass  # the exchange went too: the driver's next wait says so
 
 
 def _learn(config: dict[str, Any]) -> None:
