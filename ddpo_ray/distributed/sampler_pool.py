@@ -44,7 +44,7 @@ class SampledEpoch:
     batches: list[ScoredBatch]
     time_sampling: float  # until the last trajectory was ready
     time_reward_wait: float  # from then until the last reward arrived
-    reissued: int = 0  # tasks sent again after their sampler died
+    reissued: int = 0  # tasks sent again: their sampler died, or their weights were lost
     events: list[str] = field(default_factory=list)
 
 
@@ -115,26 +115,33 @@ class SamplerPool:
         died) is sampled again with `republished(weights)`, the same version published anew by
         the restarted learner; without `republished` it is an error."""
         start = time.perf_counter()
-        in_flight: dict[Any, tuple[SampleTask, int, Any]] = {}
+        # scored ref -> (task, sampler index, trajectories ref, the weights this try was sent with)
+        in_flight: dict[Any, tuple[SampleTask, int, Any, PolicyWeights]] = {}
+        events: list[str] = []  # one per re-issued try
+
+        def send(task: SampleTask, index: int, weights: PolicyWeights) -> None:
+            trajectories, scored = self._dispatch(task, index, weights)
+            in_flight[scored] = (task, index, trajectories, weights)
+
+        def reissue(task: SampleTask, index: int, weights: PolicyWeights, why: str) -> None:
+            events.append(f"batch {task.batch_index}: {why}")
+            send(task, index, weights)
+
         for i, task in enumerate(tasks):
-            trajectories, scored = self._dispatch(task, i, weights)
-            in_flight[scored] = (task, i, trajectories)
+            send(task, i, weights)
 
         # Phase 1: wait until every first-try trajectory is ready (or failed), without fetching.
-        ray.wait([t for _, _, t in in_flight.values()], num_returns=len(in_flight), fetch_local=False)
+        ray.wait([t for _, _, t, _ in in_flight.values()], num_returns=len(in_flight), fetch_local=False)
         time_sampling = time.perf_counter() - start
 
         # Phase 2: collect scored batches; re-issue lost ones.
         done: dict[int, tuple[Any, ScoredBatch]] = {}
-        reissued = 0
         attempts: dict[int, int] = {}  # batch_index -> tries so far, for those tried more than once
         unavailable = 0  # ActorUnavailableError answers this epoch (transient, so not a spent life)
-        events: list[str] = []
         refreshes = 0
-        sent_with = {task.batch_index: weights for task in tasks}  # the weights each try was given
         while in_flight:
             ready, _ = ray.wait(list(in_flight), num_returns=1)
-            task, index, trajectories = in_flight.pop(ready[0])
+            task, index, trajectories, sent_with = in_flight.pop(ready[0])
             sampler = self.actor_names[index % len(self.actors)]
             try:
                 scored: ScoredBatch = ray.get(ready[0])
@@ -157,25 +164,16 @@ class SamplerPool:
                         f"cluster.sampler_max_restarts={self.max_restarts}); last: "
                         f"{sampler} ({type(exc).__name__})"
                     ) from None
-                reissued += 1
-                events.append(f"batch {task.batch_index}: {sampler} lost ({type(exc).__name__}); re-issued")
-                index += 1
-                trajectories, ref = self._dispatch(task, index, weights)
-                sent_with[task.batch_index] = weights
-                in_flight[ref] = (task, index, trajectories)
+                reissue(task, index + 1, weights, f"{sampler} lost ({type(exc).__name__}); re-issued")
                 continue
             except RayTaskError as exc:  # the sampler is alive but its sample (or rewards) raised
                 lost = isinstance(exc.cause, WeightsLostError)
                 if lost and republished is not None and refreshes < _MAX_WEIGHT_REFRESHES:
-                    if sent_with[task.batch_index] == weights:  # the first try to find these weights gone
+                    if sent_with == weights:  # the first try to find these weights gone
                         weights = republished(weights)
                         refreshes += 1
-                    events.append(f"batch {task.batch_index}: policy v{weights.version}'s weights were lost with "
-                                  f"their owner; re-issued with the learner's republished copy")
-                    reissued += 1
-                    trajectories, ref = self._dispatch(task, index, weights)
-                    sent_with[task.batch_index] = weights
-                    in_flight[ref] = (task, index, trajectories)
+                    reissue(task, index, weights, f"policy v{weights.version}'s weights were lost with their owner; "
+                            "re-issued with the learner's republished copy")
                     continue
                 why = ""
                 if lost:
@@ -198,7 +196,7 @@ class SamplerPool:
             batches=[done[b][1] for b in order],
             time_sampling=time_sampling,
             time_reward_wait=time.perf_counter() - start - time_sampling,
-            reissued=reissued,
+            reissued=len(events),
             events=events,
         )
 
