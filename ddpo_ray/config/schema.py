@@ -87,7 +87,7 @@ class SampleConfig(_Section):
     initial_noise: Literal["per_sample", "per_group"] = Field(
         "per_sample", description="per_group: the K samples of a prompt start from one shared x_T "
         "and differ only in their step noise, so group advantages no longer carry the reward "
-        "variance x_T sets, which no action explains (ddpo_ray.maths.diffusion.initial_latents)"
+        "variance x_T sets, which no action explains (ddpo_ray.training.steps.group_initial_noise)"
     )
     merge_lora: bool = Field(
         True, description="roll out with the LoRA merged into the base weights (fp32 UNets only; "

@@ -236,7 +236,8 @@ class Learner:
         self._thread = threading.Thread(target=self._fit, name="learner-fit", daemon=True)
         self._thread.start()
         # Ray Train retries a worker group no node can hold forever; this bounds the first start.
-        self._asked = {"num_workers": cluster.learner_workers, "resources_per_worker": resources}
+        self._asked = (f"{cluster.learner_workers} workers (cluster.learner_workers) x {resources} "
+                       "(cluster.cpus_per_learner_worker, gpus_per_learner_worker)")
         self._placement_timeout_s = cluster.placement_timeout_s
         threading.Thread(target=self._watch_placement, name="learner-placement", daemon=True).start()
 
@@ -262,9 +263,7 @@ class Learner:
             return
         self.error = LearnerPlacementError(
             f"the learner's worker group was not placed and ready within cluster.placement_timeout_s={timeout_s:g}; "
-            f"it asks for {self._asked['num_workers']} workers (cluster.learner_workers) x "
-            f"{self._asked['resources_per_worker']} (cluster.cpus_per_learner_worker, gpus_per_learner_worker), "
-            f"the cluster has {ray.cluster_resources()}"
+            f"it asks for {self._asked}, the cluster has {ray.cluster_resources()}"
         )
         try:
             ray.get(self.exchange.fail.remote(f"LearnerPlacementError: {self.error}"))
