@@ -21,7 +21,7 @@ import torch
 from ddpo_ray.config import build_config
 from ddpo_ray.distributed.sampler import Sampler, SampleTask, SamplingError
 from ddpo_ray.distributed.weight_transport import InProcessTransport, ObjectStoreTransport, PolicyWeights
-from tests.helpers import SMALL
+from tests.helpers import SMALL, wait_for
 
 DEADLINE_S = 120.0  # far beyond the few seconds these take; only a hang reaches it
 CFG = [*SMALL, "sample.batch_size=2", "sample.num_steps=2", "metrics=false"]
@@ -45,27 +45,26 @@ def finishes(call, what: str):
     return outcome
 
 
+def _raises(call, errors) -> bool:
+    try:
+        call()
+    except errors:
+        return True
+    return False
+
+
 def killed(actor) -> None:
     """ray.kill, and wait until the actor is gone (ray.kill only asks for it)."""
     ray.kill(actor)
-    for _ in range(600):
-        try:
-            ray.get(actor.__ray_ready__.remote(), timeout=5)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            return
-        threading.Event().wait(0.1)
-    raise AssertionError(f"{actor} still answers after ray.kill")
+    wait_for(lambda: _raises(lambda: ray.get(actor.__ray_ready__.remote(), timeout=5),
+                             (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError)),
+             timeout_s=DEADLINE_S, interval_s=0.1, what=f"{actor} to die after ray.kill")
 
 
 def lost_for_good(ref) -> None:
     """Wait until `ref`, whose owner was killed, is gone (the node frees it a moment later)."""
-    for _ in range(600):
-        try:
-            ray.get(ref, timeout=5)
-        except ray.exceptions.ObjectLostError:
-            return
-        threading.Event().wait(0.1)
-    raise AssertionError("the object outlived its owner for a minute")
+    wait_for(lambda: _raises(lambda: ray.get(ref, timeout=5), ray.exceptions.ObjectLostError),
+             timeout_s=DEADLINE_S, interval_s=0.1, what="the object to go with its owner")
 
 
 def bad_task(epoch: int = 0, batch_index: int = 3) -> SampleTask:
