@@ -21,6 +21,7 @@ from ddpo_ray.infra.prompt_names import PROMPT_SET_NAMES, TINY_WORLD_PROMPT_SETS
 from ddpo_ray.infra.reward_names import REWARD_NAMES
 from ddpo_ray.infra.torch_thread import assigned_cpus, node_cores
 from ddpo_ray.maths.advantages import GROUP_MODES
+from ddpo_ray.maths.branching import tree_depth
 
 
 # Experiment trackers `trackers` may name, each the pip extra that installs it
@@ -84,10 +85,13 @@ class SampleConfig(_Section):
     batch_size: int = Field(8, ge=1, description="images per sampler call")
     num_batches_per_epoch: int = Field(4, ge=1, description="in total, spread over samplers")
     samples_per_prompt: int = Field(1, ge=1, description="K samples of each prompt per epoch")
-    initial_noise: Literal["per_sample", "per_group"] = Field(
+    initial_noise: Literal["per_sample", "per_group", "tree"] = Field(
         "per_sample", description="per_group: the K samples of a prompt start from one shared x_T "
         "and differ only in their step noise, so group advantages no longer carry the reward "
-        "variance x_T sets, which no action explains (ddpo_ray.training.steps.group_initial_noise)"
+        "variance x_T sets, which no action explains (ddpo_ray.training.steps.group_initial_noise); "
+        "tree: they also split in two at each of the first log2(K) steps, a binary tree whose "
+        "nodes share their noise, so each branching step gets its own advantage "
+        "(advantage.mode: tree; ddpo_ray.maths.branching)"
     )
     merge_lora: bool = Field(
         True, description="roll out with the LoRA merged into the base weights (fp32 UNets only; "
@@ -148,9 +152,10 @@ class TrainConfig(_Section):
 
 
 class AdvantageConfig(_Section):
-    mode: Literal["per_prompt", "group", "group_centred", "batch"] = Field(
+    mode: Literal["per_prompt", "group", "group_centred", "batch", "tree"] = Field(
         "batch", description="ddpo_ray.maths.advantages: per_prompt (DDPO's tracker), group (standardised "
-        "within a prompt's K samples), group_centred (minus the group mean, one scale per epoch), batch"
+        "within a prompt's K samples), group_centred (minus the group mean, one scale per epoch), batch, "
+        "tree (per denoising step, child minus parent subtree mean; needs sample.initial_noise: tree)"
     )
     buffer_size: int = Field(16, ge=1, description="per_prompt: rewards kept per prompt")
     min_count: int = Field(16, ge=1, description="per_prompt: below this, use batch stats")
@@ -470,6 +475,14 @@ class DDPOConfig(_Section):
                 f"advantage.mode={self.advantage.mode!r} normalises within groups of one prompt, so it needs "
                 f"sample.samples_per_prompt >= 2 (got {self.sample.samples_per_prompt})"
             )
+        if (self.sample.initial_noise == "tree") != (self.advantage.mode == "tree"):
+            raise ValueError(
+                "sample.initial_noise='tree' and advantage.mode='tree' go together: the tree's per-step "
+                "advantages need samples drawn as trees, and tree samples need them (got "
+                f"sample.initial_noise={self.sample.initial_noise!r}, advantage.mode={self.advantage.mode!r})"
+            )
+        if self.sample.initial_noise == "tree":
+            tree_depth(self.sample.samples_per_prompt, self.sample.num_steps)  # a power of two, <= num_steps
         if self.sample.initial_noise == "per_group" and self.advantage.mode not in GROUP_MODES:
             raise ValueError(
                 "sample.initial_noise='per_group' shares x_T within a prompt's group, which only "

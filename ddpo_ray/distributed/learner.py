@@ -62,8 +62,11 @@ def assemble_shard(shard: EpochShard, device: torch.device) -> tuple[Trajectorie
     rows = [batch.select(range(start, stop)) for batch, (_, start, stop) in zip(batches, shard.parts)]
     trajectories = Trajectories.concat(rows).to(device)
     advantages = torch.tensor(np.array(shard.advantages, dtype=np.float32), device=device)  # own, writable copy
-    if advantages.shape != (len(trajectories),):
-        raise ValueError(f"shard of epoch {shard.epoch}: {len(advantages)} advantages for {len(trajectories)} samples")
+    if advantages.shape not in ((len(trajectories),), (len(trajectories), trajectories.num_steps)):
+        raise ValueError(
+            f"shard of epoch {shard.epoch}: advantages of shape {tuple(advantages.shape)} for "
+            f"{len(trajectories)} samples of {trajectories.num_steps} steps"
+        )
     return trajectories, advantages
 
 

@@ -11,6 +11,9 @@ Three estimators, chosen by `advantage.mode`:
   rewards barely differ (nothing there to learn) into full-size advantages of its noise;
   one scale keeps such a group's advantages as small as its differences (Dr. GRPO's point).
 - batch: standardise over the whole epoch.
+- tree: per denoising step, for groups sampled as binary trees (`sample.initial_noise: tree`):
+  the mean reward under the child a step chose minus the mean under its parent, over the
+  group's std (ddpo_ray.maths.branching). The only mode whose advantages are (N, num_steps).
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ddpo_ray.maths.branching import tree_advantages
+
 EPS = 1e-6
-ADVANTAGE_MODES = ("per_prompt", "group", "group_centred", "batch")
-GROUP_MODES = ("group", "group_centred")  # need K >= 2 samples of each prompt per epoch
+ADVANTAGE_MODES = ("per_prompt", "group", "group_centred", "batch", "tree")
+GROUP_MODES = ("group", "group_centred", "tree")  # need K >= 2 samples of each prompt per epoch
 
 
 def _check(prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
@@ -125,12 +130,18 @@ class PerPromptStatTracker:
 
 
 class AdvantageEstimator:
-    """The estimator `advantage.mode` names, behind one call; stateful only for per_prompt."""
+    """The estimator `advantage.mode` names, behind one call; stateful only for per_prompt.
 
-    def __init__(self, mode: str, buffer_size: int = 16, min_count: int = 16) -> None:
+    Returns (N,) advantages, one per sample, or for `tree` (N, num_steps), one per denoising
+    step (`samples_per_prompt` and `num_steps` describe the trees).
+    """
+
+    def __init__(self, mode: str, buffer_size: int = 16, min_count: int = 16,
+                 samples_per_prompt: int = 1, num_steps: int = 1) -> None:
         if mode not in ADVANTAGE_MODES:
             raise ValueError(f"advantage.mode={mode!r}; expected one of {', '.join(ADVANTAGE_MODES)}")
         self.mode = mode
+        self.samples_per_prompt, self.num_steps = samples_per_prompt, num_steps
         self.tracker = PerPromptStatTracker(buffer_size, min_count) if mode == "per_prompt" else None
 
     def __call__(self, prompts: Sequence[str], rewards: np.ndarray) -> np.ndarray:
@@ -140,6 +151,8 @@ class AdvantageEstimator:
             return group_advantages(prompts, rewards)
         if self.mode == "group_centred":
             return group_centred_advantages(prompts, rewards)
+        if self.mode == "tree":
+            return tree_advantages(prompts, rewards, self.samples_per_prompt, self.num_steps)
         return batch_advantages(_check(prompts, rewards))
 
     def state_dict(self) -> dict[str, Any]:

@@ -135,17 +135,23 @@ def ddim_step_with_logprob(
     eta: float = 1.0,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | list[torch.Generator] | None = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step x_t -> x_{t-1} and its log-density, per sample.
 
     `timestep` is an int or a (B,) tensor (training sees a different timestep per sample).
-    If `prev_sample` is given it is scored, not drawn. The maths runs in fp32 whatever the
+    If `prev_sample` is given it is scored, not drawn; else x_{t-1} = mean + std * z with z the
+    standard normal `noise` if given (branched sampling chooses it), else drawn from `generator`. The maths runs in fp32 whatever the
     input dtype, because the PPO clip range (1e-4) is below bf16's resolution.
     Returns (prev_sample in `sample`'s dtype, log_prob of shape (B,)).
     """
     mean, std = ddim_step_mean(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
-        noise = randn_tensor(mean.shape, generator=generator, device=sample.device, dtype=torch.float32)
+        if noise is None:
+            noise = randn_tensor(mean.shape, generator=generator, device=sample.device, dtype=torch.float32)
+        elif noise.shape != mean.shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}; expected {tuple(mean.shape)}")
+        noise = noise.to(device=sample.device, dtype=torch.float32)
         prev_sample = (mean + std * noise).to(sample.dtype)
     elif prev_sample.shape != sample.shape:
         raise ValueError(f"prev_sample has shape {tuple(prev_sample.shape)}; expected {tuple(sample.shape)}")
@@ -301,12 +307,13 @@ def sample_trajectories(
     compute_dtype: torch.dtype = torch.float32,
     policy_version: int = 0,
     initial_noise: torch.Tensor | None = None,
+    step_noise: torch.Tensor | None = None,
 ) -> Trajectories:
     """Run DDIM with log-probs for `prompts`, recording every step, and decode the images.
 
     Latents stay fp32 between steps (the UNet itself may run in `compute_dtype`). x_T is drawn
     from `generator` unless `initial_noise` (standard normal, one latent per prompt) is given;
-    the step noise always comes from `generator`.
+    the step noise likewise, unless `step_noise` (B, T, C, h, w) gives every step's z.
     """
     if not prompts:
         raise ValueError("sample_trajectories needs at least one prompt")
@@ -325,15 +332,18 @@ def sample_trajectories(
     else:
         latents = initial_noise.to(device=device, dtype=torch.float32)
     latents = latents * scheduler.init_noise_sigma
+    if step_noise is not None and tuple(step_noise.shape) != (batch, num_steps, *shape[1:]):
+        raise ValueError(f"step_noise has shape {tuple(step_noise.shape)}; expected {(batch, num_steps, *shape[1:])}")
 
     all_latents, all_next, all_log_probs = [], [], []
-    for t in scheduler.timesteps:
+    for j, t in enumerate(scheduler.timesteps):
         timesteps = t.expand(batch).to(device)
         eps = predict_noise(
             unet, latents, timesteps, prompt_embeds, negative_prompt_embeds, guidance_scale, compute_dtype
         )
         next_latents, log_prob = ddim_step_with_logprob(
-            scheduler, eps, timesteps, latents, eta=eta, generator=generator
+            scheduler, eps, timesteps, latents, eta=eta, generator=generator,
+            noise=None if step_noise is None else step_noise[:, j],
         )
         all_latents.append(latents)
         all_next.append(next_latents)

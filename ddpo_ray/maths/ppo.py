@@ -156,7 +156,8 @@ def shuffle_for_training(
     """Shuffle samples, and each sample's timesteps independently (DDPO's per-sample permutation).
 
     After this, column j of row i is some step of trajectory i; the first
-    int(T * timestep_fraction) columns are the ones trained.
+    int(T * timestep_fraction) columns are the ones trained. Per-step advantages (B, T) move
+    with their steps; per-sample ones (B,) with their rows.
     """
     batch, steps = trajectories.timesteps.shape
     order = torch.randperm(batch, generator=generator)
@@ -173,6 +174,8 @@ def shuffle_for_training(
     shuffled.latents = per_row(shuffled.latents)
     shuffled.next_latents = per_row(shuffled.next_latents)
     shuffled.log_probs = per_row(shuffled.log_probs)
+    if advantages.ndim == 2:
+        advantages = per_row(advantages)
     return shuffled, advantages
 
 
@@ -257,8 +260,10 @@ def train_epoch(
             "loss scaling the fp16 backward underflows to zero"
         )
     batch, steps = trajectories.timesteps.shape
-    if advantages.shape != (batch,):
-        raise ValueError(f"advantages has shape {tuple(advantages.shape)}; expected ({batch},)")
+    if advantages.shape not in ((batch,), (batch, steps)):
+        raise ValueError(
+            f"advantages has shape {tuple(advantages.shape)}; expected ({batch},) per sample or ({batch}, {steps}) per step"
+        )
     if batch % train.batch_size:
         raise ValueError(f"{batch} samples do not split into train.batch_size={train.batch_size} minibatches")
     num_minibatches = batch // train.batch_size
@@ -288,7 +293,7 @@ def train_epoch(
     count = 0
     for m in range(num_minibatches):
         rows = slice(m * train.batch_size, (m + 1) * train.batch_size)
-        mb_adv = shuffled_adv[rows].to(device, torch.float32)
+        mb_adv = shuffled_adv[rows].to(device, torch.float32)  # (b,) per sample or (b, T) per step
         update_after_minibatch = m % train.gradient_accumulation_steps == train.gradient_accumulation_steps - 1
         for j in range(num_train_timesteps):
             step_inputs = (
@@ -307,10 +312,11 @@ def train_epoch(
                 log_prob = gaussian_log_prob(shuffled.next_latents[rows, j], mean, std)
                 old_log_prob = shuffled.log_probs[rows, j]
                 weights = None if all_weights is None else all_weights[rows, j]
+                step_adv = mb_adv[:, j] if mb_adv.ndim == 2 else mb_adv
                 if train.algorithm == "ddpo_sf":
-                    loss, stats = score_function_loss(log_prob, old_log_prob, mb_adv, train.adv_clip_max, weights)
+                    loss, stats = score_function_loss(log_prob, old_log_prob, step_adv, train.adv_clip_max, weights)
                 else:
-                    loss, stats = ppo_loss(log_prob, old_log_prob, mb_adv, train.clip_range, train.adv_clip_max,
+                    loss, stats = ppo_loss(log_prob, old_log_prob, step_adv, train.clip_range, train.adv_clip_max,
                                            weights)
                 if train.kl_coef > 0:
                     kl = step_kl(mean, reference_mean, std).mean()

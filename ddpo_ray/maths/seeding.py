@@ -14,7 +14,8 @@ import torch
 SAMPLING = 1
 TRAINING = 2
 EVALUATION = 3
-INITIAL_NOISE = 4  # x_T shared by a prompt's group (sample.initial_noise: per_group)
+INITIAL_NOISE = 4  # x_T shared by a prompt's group (sample.initial_noise: per_group or tree)
+TREE_NOISE = 5  # the step noise of a tree node (sample.initial_noise: tree)
 
 
 def derive_seed(*keys: int) -> int:

@@ -22,7 +22,7 @@ class EpochShard:
 
     epoch: int
     parts: list[tuple[Any, int, int]]
-    advantages: np.ndarray  # (rows,) float32, in the order of the parts' rows
+    advantages: np.ndarray  # (rows,) or per step (rows, T) float32, in the order of the parts' rows
 
     @property
     def num_samples(self) -> int:

@@ -140,7 +140,10 @@ class EpochLoop:
         self.cfg, self.backend, self.on_epoch = cfg, backend, on_epoch
         self.run_dir = RunDirectory(new_run_root(cfg))
         self.exported = EpochMetrics(self.run_dir.root.name, exporter if cfg.metrics else "off")
-        self.advantages = AdvantageEstimator(cfg.advantage.mode, cfg.advantage.buffer_size, cfg.advantage.min_count)
+        self.advantages = AdvantageEstimator(
+            cfg.advantage.mode, cfg.advantage.buffer_size, cfg.advantage.min_count,
+            samples_per_prompt=cfg.sample.samples_per_prompt, num_steps=cfg.sample.num_steps,
+        )
         self.prompts = PromptSampler(get_prompts(cfg.prompts.name), cfg.sample.samples_per_prompt, cfg.seed)
         self.history: list[dict[str, Any]] = []
         self.last_checkpoint: int | None = None  # the epoch of the newest checkpoint this run wrote

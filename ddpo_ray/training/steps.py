@@ -26,7 +26,8 @@ from ddpo_ray.maths.ppo import (
     set_learning_rate,
     train_epoch,
 )
-from ddpo_ray.maths.seeding import INITIAL_NOISE, SAMPLING, TRAINING, make_generator
+from ddpo_ray.maths.branching import step_node, tree_depth
+from ddpo_ray.maths.seeding import INITIAL_NOISE, SAMPLING, TRAINING, TREE_NOISE, make_generator
 from ddpo_ray.models.lora import trainable_parameters
 
 
@@ -42,11 +43,14 @@ def sample_batch(
     pipe, cfg: DDPOConfig, prompts: Sequence[str], epoch: int, batch_index: int, policy_version: int
 ) -> Trajectories:
     """Sampling batch `batch_index` of `epoch`; its noise depends only on (seed, epoch, batch),
-    and with `sample.initial_noise: per_group` its x_T on (seed, epoch, prompt group)."""
+    with `sample.initial_noise: per_group` its x_T on (seed, epoch, prompt group), and with
+    `tree` every draw on (seed, epoch, group, step, tree node) (`tree_step_noise`)."""
     generator = make_generator(cfg.seed, SAMPLING, epoch, batch_index, device=pipe.unet.device)
-    initial_noise = None
-    if cfg.sample.initial_noise == "per_group":
+    initial_noise = step_noise = None
+    if cfg.sample.initial_noise in ("per_group", "tree"):
         initial_noise = group_initial_noise(pipe, cfg, epoch, batch_index, len(prompts))
+    if cfg.sample.initial_noise == "tree":
+        step_noise = tree_step_noise(pipe, cfg, epoch, batch_index, len(prompts))
     return sample_trajectories(
         pipe,
         list(prompts),
@@ -58,7 +62,13 @@ def sample_batch(
         compute_dtype=compute_dtype(cfg.model.mixed_precision),
         policy_version=policy_version,
         initial_noise=initial_noise,
+        step_noise=step_noise,
     )
+
+
+def _latent_shape(pipe, cfg: DDPOConfig) -> tuple[int, int, int, int]:
+    size = cfg.sample.resolution // pipe.vae_scale_factor
+    return (1, pipe.unet.config.in_channels, size, size)
 
 
 def group_initial_noise(pipe, cfg: DDPOConfig, epoch: int, batch_index: int, batch: int) -> torch.Tensor:
@@ -66,16 +76,40 @@ def group_initial_noise(pipe, cfg: DDPOConfig, epoch: int, batch_index: int, bat
     the epoch belongs to group j // K (PromptSampler lays groups out contiguously), and each
     group's x_T is drawn from (seed, epoch, group) alone, so a group split over two batches, or
     two samplers, still shares it."""
-    unet = pipe.unet
-    size = cfg.sample.resolution // pipe.vae_scale_factor
-    shape = (1, unet.config.in_channels, size, size)
+    shape = _latent_shape(pipe, cfg)
     first = batch_index * cfg.sample.batch_size
     groups = [(first + i) // cfg.sample.samples_per_prompt for i in range(batch)]
     noise = {
         g: torch.randn(shape, generator=make_generator(cfg.seed, INITIAL_NOISE, epoch, g), dtype=torch.float32)
         for g in dict.fromkeys(groups)
     }
-    return torch.cat([noise[g] for g in groups]).to(unet.device)
+    return torch.cat([noise[g] for g in groups]).to(pipe.unet.device)
+
+
+def tree_step_noise(pipe, cfg: DDPOConfig, epoch: int, batch_index: int, batch: int) -> torch.Tensor:
+    """Every step's noise z (batch, T, C, h, w) for a batch of binary trees (`initial_noise: tree`).
+
+    Sample j of the epoch is leaf j % K of group j // K; its noise at step s is the one of the
+    tree node it reaches after s (`ddpo_ray.maths.branching.step_node`), drawn from
+    (seed, epoch, group, step, node) alone: leaves that share a node share that step's noise,
+    and a tree split over batches or samplers is still one tree.
+    """
+    k, steps = cfg.sample.samples_per_prompt, cfg.sample.num_steps
+    depth = tree_depth(k, steps)
+    shape = _latent_shape(pipe, cfg)
+    first = batch_index * cfg.sample.batch_size
+    drawn: dict[tuple[int, int, int], torch.Tensor] = {}
+    rows = []
+    for i in range(batch):
+        group, leaf = divmod(first + i, k)
+        row = []
+        for step in range(steps):
+            key = (group, step, step_node(leaf, step, depth))
+            if key not in drawn:
+                drawn[key] = torch.randn(shape, generator=make_generator(cfg.seed, TREE_NOISE, epoch, *key))
+            row.append(drawn[key])
+        rows.append(torch.cat(row))
+    return torch.stack(rows).to(pipe.unet.device)
 
 
 def train_guidance_scale(cfg: DDPOConfig) -> float:

@@ -1,0 +1,121 @@
+"""Branched sampling (`sample.initial_noise: tree`, `advantage.mode: tree`): a prompt's K = 2^b
+samples are the leaves of a binary tree over the first b denoising steps, and each branching
+step gets its own advantage (child subtree mean minus parent subtree mean)."""
+
+import numpy as np
+import pytest
+import torch
+
+from ddpo_ray.config import TrainConfig, build_config
+from ddpo_ray.maths.advantages import AdvantageEstimator
+from ddpo_ray.maths.branching import step_node, tree_advantages, tree_depth
+from ddpo_ray.maths.diffusion import sample_trajectories
+from ddpo_ray.maths.ppo import make_optimizer, train_epoch
+from ddpo_ray.models.lora import add_lora
+from ddpo_ray.training.steps import epoch_batches, sample_batch
+from tests.helpers import randomize_lora
+
+# 4 sampling batches of 4: two trees of 8 leaves (3 branching steps of 4), each split over two batches.
+SMALL = ["model.pretrained=tiny-random", "sample.num_steps=4", "sample.resolution=32",
+         "sample.batch_size=4", "sample.num_batches_per_epoch=4", "sample.samples_per_prompt=8",
+         "sample.initial_noise=tree", "advantage.mode=tree", "train.batch_size=16"]
+PROMPTS = ["a red circle"] * 8 + ["a blue square"] * 8
+
+
+def test_tree_advantages_by_hand():
+    rewards = np.array([1.0, 3.0, 5.0, 7.0, 0.0, 0.0, 2.0, 2.0])
+    adv = tree_advantages(["a"] * 4 + ["b"] * 4, rewards, samples_per_prompt=4, num_steps=3)
+    std_a, std_b = np.std([1, 3, 5, 7]), np.std([0, 0, 2, 2])
+    # step 0 splits {0,1} from {2,3}: child means 2 and 6 against the root's 4
+    np.testing.assert_allclose(adv[:4, 0], np.array([-2, -2, 2, 2]) / (std_a + 1e-6))
+    # step 1 splits each pair: leaf minus its pair's mean
+    np.testing.assert_allclose(adv[:4, 1], np.array([-1, 1, -1, 1]) / (std_a + 1e-6))
+    np.testing.assert_allclose(adv[4:, 0], np.array([-1, -1, 1, 1]) / (std_b + 1e-6))
+    np.testing.assert_allclose(adv[4:, 1], 0.0)  # 0, 0 and 2, 2: nothing to tell apart in step 1
+    np.testing.assert_allclose(adv[:, 2], 0.0)  # after the last branch: one leaf each, no signal
+
+
+def test_tree_advantages_sum_to_the_group_advantage_and_ignore_a_shift():
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=16)
+    adv = tree_advantages(["p"] * 16, rewards, samples_per_prompt=16, num_steps=5)
+    # the steps' advantages telescope: leaf reward minus the group mean, over the group std
+    np.testing.assert_allclose(adv.sum(1), (rewards - rewards.mean()) / (rewards.std() + 1e-6), atol=1e-12)
+    np.testing.assert_allclose(tree_advantages(["p"] * 16, rewards + 100.0, 16, 5), adv, atol=1e-9)
+
+
+def test_tree_layout_and_refusals():
+    assert tree_depth(8, 5) == 3
+    # leaf 5 = 0b101: node 1 after step 0, 2 after step 1, 5 after step 2, then its own
+    assert [step_node(5, s, 3) for s in range(5)] == [1, 2, 5, 5, 5]
+    with pytest.raises(ValueError, match="power of two"):
+        tree_depth(6, 5)
+    with pytest.raises(ValueError, match="num_steps=2"):
+        tree_depth(8, 2)
+    with pytest.raises(ValueError, match="one prompt's tree"):
+        tree_advantages(["a", "a", "b", "a"], np.zeros(4), 4, 2)
+    with pytest.raises(ValueError, match="groups of"):
+        tree_advantages(["a"] * 6, np.zeros(6), 4, 2)
+    estimator = AdvantageEstimator("tree", samples_per_prompt=4, num_steps=3)
+    assert estimator(["a"] * 4, np.arange(4.0)).shape == (4, 3)
+
+
+def test_config_needs_both_halves_of_the_tree():
+    build_config(overrides=SMALL)
+    with pytest.raises(ValueError, match="initial_noise='tree' and advantage.mode='tree' go together"):
+        build_config(overrides=[*SMALL, "advantage.mode=group"])
+    with pytest.raises(ValueError, match="initial_noise='tree' and advantage.mode='tree' go together"):
+        build_config(overrides=[*SMALL, "sample.initial_noise=per_group"])
+    with pytest.raises(ValueError, match="samples_per_prompt=8 needs 3 branching steps"):
+        build_config(overrides=[*SMALL, "sample.num_steps=2"])
+
+
+def _epoch(pipe, cfg, epoch=0):
+    batches = [sample_batch(pipe, cfg, b, epoch, i, 0) for i, b in enumerate(epoch_batches(cfg, PROMPTS))]
+    return torch.cat([t.latents for t in batches]), torch.cat([t.next_latents for t in batches])
+
+
+def test_leaves_share_exactly_the_steps_before_their_paths_part(tiny_pipe):
+    cfg = build_config(overrides=SMALL)
+    latents, next_latents = _epoch(tiny_pipe, cfg)
+    for first in (0, 8):  # each tree is split over two sampling batches
+        for a in range(8):
+            for b in range(8):
+                # leaves a and b take the same step s while they are in one node after it
+                for s in range(4):
+                    same = a == b or (s < 3 and a >> (2 - s) == b >> (2 - s))
+                    assert torch.equal(next_latents[first + a, s], next_latents[first + b, s]) == same, (a, b, s)
+                assert torch.equal(latents[first + a, 0], latents[first + b, 0]), "one x_T per tree"
+    assert not torch.equal(latents[0, 0], latents[8, 0]), "two trees, two x_T"
+    again, _ = _epoch(tiny_pipe, build_config(overrides=[*SMALL, "sample.batch_size=8",
+                                                           "sample.num_batches_per_epoch=2"]))
+    # the same tree whichever batches it is sampled in (up to the UNet's batch-size rounding)
+    torch.testing.assert_close(latents, again, rtol=1e-4, atol=1e-4)
+
+
+def test_per_step_advantages_train_their_own_steps(tiny_pipe):
+    """(B, T) advantages: equal columns give the per-sample gradient; a column of zeros trains nothing."""
+    params = add_lora(tiny_pipe.unet, rank=4)
+    randomize_lora(tiny_pipe.unet)
+    traj = sample_trajectories(tiny_pipe, ["a cat", "a dog"], num_steps=3, guidance_scale=1.0, eta=1.0,
+                               resolution=64, generator=torch.Generator().manual_seed(0))
+    train = TrainConfig(batch_size=2, learning_rate=1e-9, clip_range=10.0)
+
+    def gradient(advantages: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        optimizer = make_optimizer(params, train)
+        captured = []
+        optimizer.step = lambda *a, **k: captured.append(torch.cat([p.grad.flatten().clone() for p in params]))
+        metrics = train_epoch(tiny_pipe.unet, tiny_pipe.scheduler, optimizer, params, traj, advantages, train,
+                              guidance_scale=1.0, eta=1.0, generator=torch.Generator().manual_seed(0))
+        return captured[0], metrics
+
+    per_sample, _ = gradient(torch.tensor([1.0, -1.0]))
+    per_step, metrics = gradient(torch.tensor([[1.0] * 3, [-1.0] * 3]))
+    assert metrics["ratio_dev_before_update"] < 1e-5
+    torch.testing.assert_close(per_step, per_sample)
+    only_first, _ = gradient(torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]]))
+    only_rest, _ = gradient(torch.tensor([[0.0, 1.0, 1.0], [0.0, -1.0, -1.0]]))
+    assert only_first.abs().sum() > 0 and only_rest.abs().sum() > 0
+    torch.testing.assert_close(only_first + only_rest, per_sample)  # the steps' terms add up
+    with pytest.raises(ValueError, match=r"expected \(2,\) per sample or \(2, 3\) per step"):
+        gradient(torch.zeros(2, 2))
