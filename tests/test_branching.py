@@ -119,3 +119,31 @@ def test_per_step_advantages_train_their_own_steps(tiny_pipe):
     torch.testing.assert_close(only_first + only_rest, per_sample)  # the steps' terms add up
     with pytest.raises(ValueError, match=r"expected \(2,\) per sample or \(2, 3\) per step"):
         gradient(torch.zeros(2, 2))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_distributed_run_trains_the_same_trees_as_the_local_loop(reward_apps, tmp_path):
+    """Real Ray and Serve: samplers draw the trees (a tree split over two batches), the driver's
+    per-step advantages go through the shards to the Ray Train learner, and every figure of the
+    two loops' metrics rows agrees."""
+    from ddpo_ray.distributed.driver import run_distributed
+    from ddpo_ray.training.local_loop import run_local
+    from tests.helpers import SMALL as SMALL_RUN
+
+    overrides = [*SMALL_RUN, "num_epochs=2", "save_freq=0", "eval.every=0", "sample.samples_per_prompt=8",
+                 "sample.initial_noise=tree", "advantage.mode=tree", "train.batch_size=8",
+                 "train.learning_rate=1e-2", "cluster.torch_threads=1", f"output_dir={tmp_path}"]
+    ray_rows = run_distributed(build_config(overrides=[*overrides, "run_name=ray"]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the Ray actors run, so reductions round alike
+    try:
+        local_rows = run_local(build_config(overrides=[*overrides, "run_name=local"]))
+    finally:
+        torch.set_num_threads(threads)
+    for ray_row, local_row in zip(ray_rows, local_rows, strict=True):
+        assert ray_row["samples"] == 8 and ray_row["ratio_dev_before_update"] < 1e-5
+        for key in ("reward_mean", "reward_std", "advantage_mean", "advantage_std", "loss", "grad_norm"):
+            np.testing.assert_allclose(ray_row[key], local_row[key], rtol=1e-4, atol=1e-6,
+                                       err_msg=f"epoch {local_row['epoch']}: {key}")
+    assert ray_rows[0]["advantage_std"] > 0 and ray_rows[1]["reward_mean"] != ray_rows[0]["reward_mean"]
