@@ -66,9 +66,9 @@ def world_tokenizer() -> BertTokenizerFast:
 
 
 def tiny_llava_config(tokenizer: BertTokenizerFast) -> LlavaConfig:
-    """64x64 images in 8x8 patches (64 image tokens) -> a 3-layer, 96-wide CLIP tower -> 2-layer Llama."""
+    """64x64 images in 8x8 patches (64 image tokens) -> a 4-layer, 128-wide CLIP tower -> 2-layer Llama."""
     vision = CLIPVisionConfig(
-        hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
+        hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
         image_size=IMAGE_SIZE, patch_size=PATCH_SIZE,
     )
     text = LlamaConfig(

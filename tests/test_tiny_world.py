@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from ddpo_ray.prompts.sets import TINY_SHAPES, TINY_SHAPES_HELD_OUT
-from ddpo_ray.tiny.world import COLOURS, make_batch, random_scene, render, sample_caption
+from ddpo_ray.tiny.world import COLOURS, SHAPES, make_batch, object_mask, random_scene, render, sample_caption
 from reward_services.jpeg import jpeg_sizes_kb
 
 
@@ -76,3 +76,32 @@ def test_parse_caption_names_what_is_outside_the_grammar():
                            ("a red circle on a furry blue background", "'<texture> <colour> background'")]:
         with pytest.raises(ValueError, match=expected):
             parse_caption(text)
+
+
+def test_object_mask_covers_exactly_the_object_pixels():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        scene = random_scene(rng)
+        image, mask = render(scene, rng), object_mask(scene)
+        assert mask.shape == (64, 64) and mask.any()
+        # every masked pixel is painted in the object colour (shapes are drawn over the background)
+        assert (image[mask] == COLOURS[scene.colour]).all()
+
+
+def test_patch_targets_follow_the_tower_token_order():
+    from ddpo_ray.tiny.captioner_trainer import patch_targets
+
+    rng = np.random.default_rng(6)
+    scenes = [random_scene(rng) for _ in range(6)]
+    mask, shape, centre = patch_targets(scenes, patch=8)
+    assert mask.shape == (6, 64, 64) and shape.shape == (6, 64) and centre.shape == (6, 64)
+    for i, scene in enumerate(scenes):
+        full = object_mask(scene)
+        assert mask[i].sum() == full.sum()
+        # token k covers rows 8*(k // 8) ..., columns 8*(k % 8) ...: raster order, like CLIP's patches
+        k = int(np.argmax(mask[i].sum(1)))
+        assert mask[i, k].numpy().reshape(8, 8).tolist() == full[8 * (k // 8):8 * (k // 8) + 8, 8 * (k % 8):8 * (k % 8) + 8].tolist()
+        assert set(shape[i].unique().tolist()) <= {0, SHAPES.index(scene.shape) + 1}
+        assert 1 <= centre[i].sum() <= scene.count
+        cx, cy = scene.centres[0]
+        assert centre[i, int(cy) // 8 * 8 + int(cx) // 8] == 1

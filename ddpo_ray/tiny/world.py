@@ -172,6 +172,15 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+def object_mask(scene: Scene) -> np.ndarray:
+    """(64, 64) bool: the pixels `render` paints in the objects' colour (a segmentation target)."""
+    mask = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE))
+    draw = ImageDraw.Draw(mask)
+    for cx, cy in scene.centres:
+        _draw_shape(draw, scene.shape, cx, cy, scene.radius, 255)
+    return np.asarray(mask) > 127
+
+
 def sample_caption(scene: Scene, rng: np.random.Generator) -> str:
     """A full or partial caption, the mix the text-to-image model is trained on.
 
