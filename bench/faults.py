@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = 16  # 4 batches of 4 per epoch
 RUN = [
     "num_epochs=4", "save_freq=1", "metrics=false", "eval.every=0", "sample.num_steps=4", "sample.batch_size=4",
-    "sample.num_batches_per_epoch=4", "sample.samples_per_prompt=1", "advantage.mode=batch", "train.batch_size=8",
+    "sample.num_batches_per_epoch=4", "sample.samples_per_prompt=1", "sample.initial_noise=per_sample", "advantage.mode=batch", "train.batch_size=8",
     "train.learning_rate=3e-4", "train.lr_schedule=constant", "cluster.num_samplers=2", "cluster.cpus_per_sampler=1",
     "cluster.cpus_per_learner_worker=0.5", "cluster.sampler_resources={sampler_slot: 1}",
     "cluster.torch_threads=reserved",

@@ -46,7 +46,7 @@ TEST_APP_ARGS = {
 # were written against (the schema's defaults), so the recipe can change without moving them.
 PLAIN = [
     "num_epochs=5", "save_freq=1", "sample.num_steps=20", "sample.batch_size=8", "sample.num_batches_per_epoch=4",
-    "sample.samples_per_prompt=1", "advantage.mode=batch", "train.batch_size=8", "train.learning_rate=3e-4",
+    "sample.samples_per_prompt=1", "sample.initial_noise=per_sample", "advantage.mode=batch", "train.batch_size=8", "train.learning_rate=3e-4",
     "train.clip_range=1e-4", "train.lr_schedule=constant", "train.step_weighting=uniform", "eval.every=5",
     "eval.prompts_per_group=4", "eval.eta=0",
 ]

@@ -60,12 +60,13 @@ def test_tree_layout_and_refusals():
     assert estimator(["a"] * 4, np.arange(4.0)).shape == (4, 3)
 
 
-def test_config_needs_both_halves_of_the_tree():
+def test_config_checks_the_tree():
     build_config(overrides=SMALL)
-    with pytest.raises(ValueError, match="initial_noise='tree' and advantage.mode='tree' go together"):
-        build_config(overrides=[*SMALL, "advantage.mode=group"])
-    with pytest.raises(ValueError, match="initial_noise='tree' and advantage.mode='tree' go together"):
+    build_config(overrides=[*SMALL, "advantage.mode=group"])  # trees with plain group advantages: valid
+    with pytest.raises(ValueError, match="advantage.mode='tree' compares the branches.*got 'per_group'"):
         build_config(overrides=[*SMALL, "sample.initial_noise=per_group"])
+    with pytest.raises(ValueError, match="initial_noise='tree' shares noise.*got 'batch'"):
+        build_config(overrides=[*SMALL, "advantage.mode=batch"])
     with pytest.raises(ValueError, match="samples_per_prompt=8 needs 3 branching steps"):
         build_config(overrides=[*SMALL, "sample.num_steps=2"])
 

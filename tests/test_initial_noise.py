@@ -10,7 +10,7 @@ from ddpo_ray.training.steps import epoch_batches, sample_batch
 # 2 sampling batches of 4, one prompt group of 8 split over both.
 SMALL = ["model.pretrained=tiny-random", "sample.num_steps=2", "sample.resolution=32",
          "sample.batch_size=4", "sample.num_batches_per_epoch=4", "sample.samples_per_prompt=8",
-         "advantage.mode=group", "train.batch_size=16"]
+         "sample.initial_noise=per_sample", "advantage.mode=group", "train.batch_size=16"]
 
 
 def _first_latents(pipe, cfg, epoch=0):

@@ -52,15 +52,19 @@ _SD15 = {
 # policy gradient of 32 samples is mostly noise (two halves of one epoch's samples give
 # gradients with cosine ~0). One full-batch Adam step per epoch at a high LoRA learning rate
 # that falls (cosine) to a tenth by the last epoch, so the late, noisy steps are small and the
-# policy keeps what it gained; group advantages over prompts x 8 samples; each denoising step's
+# policy keeps what it gained; each prompt's 8 samples drawn as a binary tree over the first 3
+# denoising steps, with per-step advantages (`sample.initial_noise: tree`, `advantage.mode:
+# tree`: seeds 0-4, held-out gain at the end, compressibility mean +2.31 base spreads and 5/5
+# seeds over one spread, against +1.33 and 3/5 with group advantages); each denoising step's
 # loss divided by its score scale (`train.step_weighting`), without which the t=201 step's
 # 1/std-sized, mostly-noise score is 10x every other step's. Evaluation samples
 # the policy DDPO trains (eta 1, its noise fixed per eval image), every epoch.
 _TINY_LEARNING = {
     "num_epochs": 15,
     "save_freq": 5,
-    "sample": {"num_steps": 5, "batch_size": 8, "num_batches_per_epoch": 4, "samples_per_prompt": 8},
-    "advantage": {"mode": "group"},
+    "sample": {"num_steps": 5, "batch_size": 8, "num_batches_per_epoch": 4, "samples_per_prompt": 8,
+               "initial_noise": "tree"},
+    "advantage": {"mode": "tree"},
     "train": {"batch_size": 32, "learning_rate": 1e-2, "clip_range": 1e-2, "lr_schedule": "cosine",
               "lr_final_fraction": 0.1, "step_weighting": "score_scale"},
     "eval": {"every": 1, "prompts_per_group": 12, "eta": 1.0},

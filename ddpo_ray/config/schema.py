@@ -475,17 +475,16 @@ class DDPOConfig(_Section):
                 f"advantage.mode={self.advantage.mode!r} normalises within groups of one prompt, so it needs "
                 f"sample.samples_per_prompt >= 2 (got {self.sample.samples_per_prompt})"
             )
-        if (self.sample.initial_noise == "tree") != (self.advantage.mode == "tree"):
+        if self.advantage.mode == "tree" and self.sample.initial_noise != "tree":
             raise ValueError(
-                "sample.initial_noise='tree' and advantage.mode='tree' go together: the tree's per-step "
-                "advantages need samples drawn as trees, and tree samples need them (got "
-                f"sample.initial_noise={self.sample.initial_noise!r}, advantage.mode={self.advantage.mode!r})"
+                "advantage.mode='tree' compares the branches of trees of samples; set sample.initial_noise='tree' "
+                f"(got {self.sample.initial_noise!r}) or another advantage.mode"
             )
         if self.sample.initial_noise == "tree":
             tree_depth(self.sample.samples_per_prompt, self.sample.num_steps)  # a power of two, <= num_steps
-        if self.sample.initial_noise == "per_group" and self.advantage.mode not in GROUP_MODES:
+        if self.sample.initial_noise in ("per_group", "tree") and self.advantage.mode not in GROUP_MODES:
             raise ValueError(
-                "sample.initial_noise='per_group' shares x_T within a prompt's group, which only "
+                f"sample.initial_noise={self.sample.initial_noise!r} shares noise within a prompt's group, which only "
                 f"removes noise from group advantages; set advantage.mode to one of {GROUP_MODES} (got {self.advantage.mode!r})"
             )
         if self.num_train_timesteps < 1:
