@@ -141,8 +141,9 @@ def ddim_step_with_logprob(
 
     `timestep` is an int or a (B,) tensor (training sees a different timestep per sample).
     If `prev_sample` is given it is scored, not drawn; else x_{t-1} = mean + std * z with z the
-    standard normal `noise` if given (branched sampling chooses it), else drawn from `generator`. The maths runs in fp32 whatever the
-    input dtype, because the PPO clip range (1e-4) is below bf16's resolution.
+    standard normal `noise` if given (branched sampling chooses it), else drawn from
+    `generator`. The maths runs in fp32 whatever the input dtype, because the PPO clip range
+    (1e-4) is below bf16's resolution.
     Returns (prev_sample in `sample`'s dtype, log_prob of shape (B,)).
     """
     mean, std = ddim_step_mean(scheduler, model_output, timestep, sample, eta)
