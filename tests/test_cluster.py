@@ -29,12 +29,15 @@ def two_node_cluster():
 
     env_before = os.environ.get("RAY_AUTH_MODE")
     dashboard_port = free_port()
+    # Each node's dashboard agent on a port of its own: at Ray's default (52365) the agent of a
+    # cluster already running in this session (the tests' shared one) holds it, this head's agent
+    # cannot start, and every job submission is refused with "No available agent".
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 4, "include_dashboard": True, "dashboard_port": dashboard_port,
-                        "dashboard_host": "127.0.0.1"},
+                        "dashboard_host": "127.0.0.1", "dashboard_agent_listen_port": free_port()},
     )
-    worker = cluster.add_node(num_cpus=2, resources={"sampler_node": 2})
+    worker = cluster.add_node(num_cpus=2, resources={"sampler_node": 2}, dashboard_agent_listen_port=free_port())
     cluster.wait_for_nodes()
     try:
         yield cluster, worker, f"http://127.0.0.1:{dashboard_port}"
