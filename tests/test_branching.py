@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ddpo_ray.config import TrainConfig, build_config
-from ddpo_ray.maths.advantages import AdvantageEstimator
-from ddpo_ray.maths.branching import step_node, tree_advantages, tree_depth
+from ddpo_ray.maths.advantages import AdvantageEstimator, tree_advantages
+from ddpo_ray.maths.branching import step_node, tree_depth
 from ddpo_ray.maths.diffusion import sample_trajectories
 from ddpo_ray.maths.ppo import make_optimizer, train_epoch
 from ddpo_ray.models.lora import add_lora

@@ -13,7 +13,8 @@ Three estimators, chosen by `advantage.mode`:
 - batch: standardise over the whole epoch.
 - tree: per denoising step, for groups sampled as binary trees (`sample.initial_noise: tree`):
   the mean reward under the child a step chose minus the mean under its parent, over the
-  group's std (ddpo_ray.maths.branching). The only mode whose advantages are (N, num_steps).
+  group's std (the tree's layout: ddpo_ray.maths.branching). The only mode whose advantages
+  are (N, num_steps).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ddpo_ray.maths.branching import tree_advantages
+from ddpo_ray.maths.branching import tree_depth
 
 EPS = 1e-6
 ADVANTAGE_MODES = ("per_prompt", "group", "group_centred", "batch", "tree")
@@ -72,6 +73,37 @@ def group_centred_advantages(prompts: Sequence[str], rewards: np.ndarray) -> np.
     for mask in _group_masks(prompts):
         centred[mask] = rewards[mask] - rewards[mask].mean()
     return centred / (np.sqrt(np.mean(centred**2)) + EPS)
+
+
+def tree_advantages(
+    prompts: Sequence[str], rewards: np.ndarray, samples_per_prompt: int, num_steps: int
+) -> np.ndarray:
+    """Per-step advantages (N, num_steps) of an epoch sampled as binary trees, one per group.
+
+    Sample j is leaf j % K of group j // K (groups are contiguous, as the prompt sampler lays
+    them out). For a branching step s: (mean reward of the leaf's subtree after s - mean of its
+    subtree before s) / (the group's reward std + 1e-6); later steps get 0.
+    """
+    rewards = _check(prompts, rewards)
+    k = int(samples_per_prompt)
+    depth = tree_depth(k, num_steps)
+    if len(rewards) % k:
+        raise ValueError(f"{len(rewards)} samples do not split into groups of sample.samples_per_prompt={k}")
+    groups = rewards.reshape(-1, k)
+    for g in range(len(groups)):
+        group_prompts = set(prompts[g * k:(g + 1) * k])
+        if len(group_prompts) != 1:
+            raise ValueError(f"samples {g * k}..{(g + 1) * k - 1} should be one prompt's tree; they have prompts {sorted(group_prompts)}")
+
+    def subtree_means(d: int) -> np.ndarray:
+        """Each leaf's subtree mean at depth d (its 2^d nodes hold K / 2^d leaves each): (G, K)."""
+        return np.repeat(groups.reshape(len(groups), 2**d, -1).mean(-1), k // 2**d, axis=1)
+
+    advantages = np.zeros((len(groups), k, num_steps))
+    for d in range(depth):  # step d leads from depth d to depth d + 1
+        advantages[:, :, d] = subtree_means(d + 1) - subtree_means(d)
+    advantages /= groups.std(axis=1).reshape(-1, 1, 1) + EPS
+    return advantages.reshape(len(rewards), num_steps)
 
 
 class PerPromptStatTracker:
