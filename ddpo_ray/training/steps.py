@@ -71,14 +71,19 @@ def _latent_shape(pipe, cfg: DDPOConfig) -> tuple[int, int, int, int]:
     return (1, pipe.unet.config.in_channels, size, size)
 
 
-def group_initial_noise(pipe, cfg: DDPOConfig, epoch: int, batch_index: int, batch: int) -> torch.Tensor:
-    """x_T for each sample of a sampling batch when a prompt's K samples share one: sample j of
-    the epoch belongs to group j // K (PromptSampler lays groups out contiguously), and each
-    group's x_T is drawn from (seed, epoch, group) alone, so a group split over two batches, or
-    two samplers, still shares it."""
-    shape = _latent_shape(pipe, cfg)
+def group_positions(cfg: DDPOConfig, batch_index: int, batch: int) -> list[tuple[int, int]]:
+    """(group, index within the group) of each sample of a sampling batch: sample j of the epoch
+    is sample j % K of group j // K (PromptSampler lays a prompt's K samples out contiguously)."""
     first = batch_index * cfg.sample.batch_size
-    groups = [(first + i) // cfg.sample.samples_per_prompt for i in range(batch)]
+    return [divmod(first + i, cfg.sample.samples_per_prompt) for i in range(batch)]
+
+
+def group_initial_noise(pipe, cfg: DDPOConfig, epoch: int, batch_index: int, batch: int) -> torch.Tensor:
+    """x_T for each sample of a sampling batch when a prompt's K samples share one: each
+    group's x_T is drawn from (seed, epoch, group) alone (`group_positions`), so a group split
+    over two batches, or two samplers, still shares it."""
+    shape = _latent_shape(pipe, cfg)
+    groups = [group for group, _ in group_positions(cfg, batch_index, batch)]
     noise = {
         g: torch.randn(shape, generator=make_generator(cfg.seed, INITIAL_NOISE, epoch, g), dtype=torch.float32)
         for g in dict.fromkeys(groups)
@@ -89,19 +94,17 @@ def group_initial_noise(pipe, cfg: DDPOConfig, epoch: int, batch_index: int, bat
 def tree_step_noise(pipe, cfg: DDPOConfig, epoch: int, batch_index: int, batch: int) -> torch.Tensor:
     """Every step's noise z (batch, T, C, h, w) for a batch of binary trees (`initial_noise: tree`).
 
-    Sample j of the epoch is leaf j % K of group j // K; its noise at step s is the one of the
-    tree node it reaches after s (`ddpo_ray.maths.branching.step_node`), drawn from
+    A sample's place in its group (`group_positions`) is its leaf; its noise at step s is the
+    one of the tree node it reaches after s (`ddpo_ray.maths.branching.step_node`), drawn from
     (seed, epoch, group, step, node) alone: leaves that share a node share that step's noise,
     and a tree split over batches or samplers is still one tree.
     """
-    k, steps = cfg.sample.samples_per_prompt, cfg.sample.num_steps
-    depth = tree_depth(k, steps)
+    steps = cfg.sample.num_steps
+    depth = tree_depth(cfg.sample.samples_per_prompt, steps)
     shape = _latent_shape(pipe, cfg)
-    first = batch_index * cfg.sample.batch_size
     drawn: dict[tuple[int, int, int], torch.Tensor] = {}
     rows = []
-    for i in range(batch):
-        group, leaf = divmod(first + i, k)
+    for group, leaf in group_positions(cfg, batch_index, batch):
         row = []
         for step in range(steps):
             key = (group, step, step_node(leaf, step, depth))
