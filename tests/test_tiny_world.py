@@ -105,3 +105,12 @@ def test_patch_targets_follow_the_tower_token_order():
         assert 1 <= centre[i].sum() <= scene.count
         cx, cy = scene.centres[0]
         assert centre[i, int(cy) // 8 * 8 + int(cx) // 8] == 1
+
+
+@pytest.mark.parametrize("factor", [-0.1, float("nan")])
+def test_captioner_trainer_refuses_a_tower_rate_below_zero(factor, tmp_path):
+    from ddpo_ray.tiny.captioner_trainer import main
+
+    with pytest.raises(ValueError, match=r"--tower-lr-factor=.*expected >= 0"):
+        main(["--out", str(tmp_path), "--tower-lr-factor", str(factor)])
+    assert not any(tmp_path.iterdir())  # refused before anything was trained or written

@@ -199,6 +199,8 @@ def train(out: Path, tower_steps: int, steps: int, batch_size: int, seed: int, l
     With `tower_from` (a captioner this trainer wrote) stage 1 is skipped and its vision tower
     is taken instead, to try stage 2 alone.
     """
+    if not tower_lr_factor >= 0:
+        raise ValueError(f"--tower-lr-factor={tower_lr_factor}: expected >= 0 (0 freezes the tower in stage 2)")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model, processor = build_tiny_random_llava(seed)
