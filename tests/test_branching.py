@@ -148,3 +148,16 @@ def test_the_distributed_run_trains_the_same_trees_as_the_local_loop(reward_apps
             np.testing.assert_allclose(ray_row[key], local_row[key], rtol=1e-4, atol=1e-6,
                                        err_msg=f"epoch {local_row['epoch']}: {key}")
     assert ray_rows[0]["advantage_std"] > 0 and ray_rows[1]["reward_mean"] != ray_rows[0]["reward_mean"]
+
+
+def test_step_noise_of_the_wrong_shape_is_refused(tiny_pipe):
+    from ddpo_ray.maths.diffusion import ddim_step_with_logprob
+
+    # 32 px through the tiny VAE: 4 x 8 x 8 latents; one step's noise given for two steps
+    with pytest.raises(ValueError, match=r"step_noise has shape \(2, 1, 4, 8, 8\); expected \(2, 2, 4, 8, 8\)"):
+        sample_trajectories(tiny_pipe, ["a red circle"] * 2, num_steps=2, guidance_scale=1.0, eta=1.0,
+                            resolution=32, step_noise=torch.zeros(2, 1, 4, 8, 8))
+    tiny_pipe.scheduler.set_timesteps(2)
+    with pytest.raises(ValueError, match=r"noise has shape \(1, 4, 4, 4\); expected \(2, 4, 4, 4\)"):
+        ddim_step_with_logprob(tiny_pipe.scheduler, torch.zeros(2, 4, 4, 4), tiny_pipe.scheduler.timesteps[0],
+                               torch.zeros(2, 4, 4, 4), noise=torch.zeros(1, 4, 4, 4))
