@@ -99,6 +99,19 @@ def sample_images(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
     return np.stack(images)
 
 
+def train_worker_pids() -> list[int]:
+    """Live Ray Train worker processes on this machine (the cluster runs here; no dashboard, so
+    no state API: Ray titles its worker processes `ray::<ActorClass>...`)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue  # exited while we looked
+    return pids
+
+
 def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.5, what: str = "condition"):
     """Poll `predicate` until it returns something truthy (returned); fail after `timeout_s`.
     The timeout only bounds a hang: no assertion depends on how long the wait took."""

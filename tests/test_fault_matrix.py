@@ -278,3 +278,103 @@ def test_trajectories_lost_with_their_node_stop_the_learner_with_an_error_naming
     error = finishes(lambda: assemble_shard(shard, torch.device("cpu")), "assemble_shard").get("error")
     assert isinstance(error, TrajectoriesLostError), error
     assert "epoch 5: the trajectories of parts [0] of 1" in str(error) and "resume_from=latest" in str(error)
+
+
+def _shard(epoch: int) -> "EpochShard":
+    from ddpo_ray.maths.sharding import EpochShard
+
+    return EpochShard(epoch=epoch, parts=[(ray.put(np.zeros(4)), 0, 4)], advantages=np.zeros(4, dtype=np.float32))
+
+
+def _weights(version: int) -> PolicyWeights:
+    return PolicyWeights(version=version, num_bytes=0, payload=None)
+
+
+def test_without_checkpoints_the_exchange_holds_one_epoch_in_flight_not_every_epoch(serve_instance):
+    """save_freq=0 (issue 15, item 8): the shards held every epoch's trajectories in the object
+    store until the run ended (~1.8 GB per epoch at SD1.5 size). Now each epoch goes once trained,
+    and a restarted worker group that asks for one is told why it cannot continue."""
+    from ddpo_ray.distributed.exchange import EpochExchange, EpochReleasedError
+
+    exchange = EpochExchange.remote(checkpointed=False, staleness=0)
+    try:
+        ray.get(exchange.put_policy.remote(_weights(0), {}))
+        for epoch in range(4):
+            ray.get(exchange.put_epoch.remote(epoch, [_shard(epoch)]))
+            assert ray.get(exchange.get_shard.remote(epoch, 0)).epoch == epoch
+            ray.get(exchange.put_policy.remote(_weights(epoch + 1), {}))  # epoch trained
+        held = ray.get(exchange.held.remote())
+        assert held == {"shard_epochs": [], "policy_versions": [3, 4]}
+        with pytest.raises(EpochReleasedError, match=r"epoch 0's shards were released .* save_freq > 0"):
+            ray.get(exchange.get_shard.remote(0, 0, 1.0))
+    finally:
+        ray.kill(exchange)
+
+
+def test_with_checkpoints_the_exchange_keeps_shards_until_a_checkpoint_covers_them(serve_instance):
+    """A restarted worker group pulls the epochs after the newest checkpoint again, so those stay;
+    at staleness 1 the driver may still ask for one version more."""
+    from ddpo_ray.distributed.exchange import EpochExchange
+
+    exchange = EpochExchange.remote(checkpointed=True, staleness=1)
+    try:
+        ray.get(exchange.put_policy.remote(_weights(0), {}))
+        for epoch in range(4):
+            ray.get(exchange.put_epoch.remote(epoch, [_shard(epoch)]))
+            ray.get(exchange.put_policy.remote(_weights(epoch + 1), {}))
+        assert ray.get(exchange.held.remote()) == {"shard_epochs": [0, 1, 2, 3], "policy_versions": [2, 3, 4]}
+        ray.get(exchange.put_checkpoint.remote(2, "/nowhere/epoch_0002"))
+        assert ray.get(exchange.held.remote()) == {"shard_epochs": [3], "policy_versions": [2, 3, 4]}
+        assert ray.get(exchange.get_shard.remote(3, 0)).epoch == 3
+    finally:
+        ray.kill(exchange)
+
+
+def test_a_copy_being_replaced_is_not_returned_when_the_learner_fails_instead(serve_instance):
+    """The driver waits for a version to be published anew (its copy died with its owner); when
+    the learner fails instead, the wait raises with the learner's reason, not the dead copy."""
+    from ddpo_ray.distributed.exchange import EpochExchange
+
+    exchange = EpochExchange.remote()
+    try:
+        lost = _weights(2)
+        ray.get(exchange.put_policy.remote(lost, {}))
+        waiting = exchange.get_policy.remote(2, 60.0, replacing=lost)
+        ray.get(exchange.fail.remote("EpochReleasedError: the reason"))
+        outcome = finishes(lambda: ray.get(waiting), "the replacement wait")
+        assert "the learner failed before publishing policy version 2: EpochReleasedError: the reason" in str(
+            outcome.get("error")), outcome
+    finally:
+        ray.kill(exchange)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_learner_worker_killed_in_a_run_without_checkpoints_stops_it_naming_why(reward_apps, tmp_path):
+    """A run with save_freq=0 has nothing a restarted worker group could resume from: it stops
+    with the reason (the shards it asks for were released) instead of retraining or waiting."""
+    import os
+    import signal
+
+    from ddpo_ray.distributed.driver import RayBackend
+    from ddpo_ray.distributed.learner import LearnerError
+    from ddpo_ray.training.epoch_loop import EpochLoop
+    from tests.helpers import train_worker_pids
+
+    cfg = build_config(overrides=[*CFG, "num_epochs=5", "save_freq=0", "eval.every=0", f"output_dir={tmp_path}",
+                                  "run_name=no-checkpoints"])
+    backend = RayBackend(cfg)
+    held: list[dict] = []
+
+    def after_each_epoch(metrics: dict) -> None:
+        held.append(ray.get(backend.learner.exchange.held.remote()))
+        if metrics["epoch"] == 1:
+            (worker,) = train_worker_pids()
+            os.kill(worker, signal.SIGKILL)
+
+    loop = EpochLoop(cfg, backend, exporter="ray", on_epoch=after_each_epoch)
+    error = finishes(loop.run, "a run whose learner worker died").get("error")
+    assert held[:2] == [{"shard_epochs": [], "policy_versions": [0, 1]},
+                        {"shard_epochs": [], "policy_versions": [1, 2]}], held
+    assert isinstance(error, (LearnerError, RuntimeError)), error
+    assert "EpochReleasedError" in str(error) and "save_freq > 0" in str(error), error

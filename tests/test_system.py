@@ -24,7 +24,7 @@ import ray
 from ddpo_ray.config import build_config
 from ddpo_ray.distributed.driver import run_distributed
 from ddpo_ray.models.pipelines import load_tiny_pipeline
-from tests.helpers import ALL_REWARDS, REPO, SMALL, TEST_APP_ARGS, wait_for
+from tests.helpers import ALL_REWARDS, REPO, SMALL, TEST_APP_ARGS, train_worker_pids, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -160,19 +160,6 @@ def uninterrupted(yaml_apps, tmp_path_factory):
     ensure_reward_apps(ALL_REWARDS, TEST_APP_ARGS)
     out = tmp_path_factory.mktemp("uninterrupted")
     return run_distributed(build_config(overrides=[*THREE_EPOCHS, f"output_dir={out}", "run_name=reference"]))
-
-
-def train_worker_pids() -> list[int]:
-    """Live Ray Train worker processes on this machine (the cluster runs here; no dashboard, so
-    no state API: Ray titles its worker processes `ray::<ActorClass>...`)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue  # exited while we looked
-    return pids
 
 
 def assert_same_run(lines: list[dict], reference: list[dict]) -> None:

@@ -11,7 +11,11 @@ restarts after a failure resumes from the newest checkpoint recorded here and pu
 after it again. (Not from `ray.train.get_checkpoint()`: Ray Train's controller collects reports
 by polling, so a worker that dies right after reporting can leave it one checkpoint behind,
 whose shards are already gone. Measured here: a kill just after the epoch-0 report restarted
-the group with no checkpoint at all.)
+the group with no checkpoint at all.) A run that writes no checkpoints (`save_freq=0`) has no
+restart point, so its shards go as soon as their epoch is trained: the object store holds one
+epoch in flight, not every epoch of the run; a restarted worker group then stops with
+`EpochReleasedError` instead of waiting for shards that are gone. Policy versions go once no
+one can ask for them (more than 1 + staleness behind the newest), or once checkpointed.
 """
 
 from __future__ import annotations
@@ -32,11 +36,23 @@ class PublishedPolicy:
     metrics: dict[str, Any] = field(default_factory=dict)  # the training metrics of the epoch that made it
 
 
+class EpochReleasedError(RuntimeError):
+    """A worker asked for an epoch whose shards were released after training (`save_freq=0`)."""
+
+
 @ray.remote(num_cpus=0)
 class EpochExchange:
-    """An async actor; every wait is an asyncio wait, so one call never blocks another."""
+    """An async actor; every wait is an asyncio wait, so one call never blocks another.
 
-    def __init__(self) -> None:
+    `checkpointed`: the learner writes checkpoints (`save_freq > 0`), so shards are kept until
+    one covers them. `staleness`: how far behind the newest version the driver samples, so how
+    many versions it may still ask for.
+    """
+
+    def __init__(self, checkpointed: bool = True, staleness: int = 0) -> None:
+        self._checkpointed_run = checkpointed
+        self._versions_behind = 1 + staleness  # the driver evaluates version v while v + staleness trains
+        self._released_through = -1  # epochs up to this one were trained and dropped (no checkpoints)
         self._shards: dict[int, list[EpochShard]] = {}
         self._policies: dict[int, PublishedPolicy] = {}
         self._checkpointed: dict[int, str] = {}  # epoch -> checkpoint directory
@@ -67,6 +83,12 @@ class EpochExchange:
 
     async def get_shard(self, epoch: int, rank: int, timeout_s: float | None = None) -> EpochShard | None:
         """Worker `rank`'s shard of `epoch`, waiting for it; None when the run is stopping."""
+        if epoch <= self._released_through and epoch not in self._shards:
+            raise EpochReleasedError(
+                f"epoch {epoch}'s shards were released once it was trained: with save_freq=0 the learner "
+                "writes no checkpoint, so a restarted worker group has nothing to resume from and the run "
+                "stops here; set save_freq > 0 for a learner that survives a worker failure"
+            )
         await self._wait_for(lambda: epoch in self._shards or self._stopped, timeout_s)
         if epoch not in self._shards:
             return None
@@ -103,6 +125,13 @@ class EpochExchange:
         # A worker group restarted from a checkpoint publishes versions again: keep the newest,
         # whose object-store copy has a live owner (the old group's copies died with it).
         self._policies[weights.version] = PublishedPolicy(weights, metrics)
+        newest = max(self._policies)
+        for old in [v for v in self._policies if v < newest - self._versions_behind]:
+            del self._policies[old]  # the driver is past it: drops its object-store copy
+        if not self._checkpointed_run:  # version v is epoch v - 1 trained: no restart will read it again
+            for old in [e for e in self._shards if e < weights.version]:
+                del self._shards[old]
+            self._released_through = max(self._released_through, weights.version - 1)
         await self._notify()
 
     async def get_policy(
@@ -117,7 +146,7 @@ class EpochExchange:
 
         await self._wait_for(lambda: published() or self._error is not None, timeout_s,
                              f"policy version {version}" + (" published anew" if replacing is not None else ""))
-        if version not in self._policies:
+        if not published():  # (a copy being replaced is not an answer: its owner is dead)
             raise RuntimeError(f"the learner failed before publishing policy version {version}: {self._error}")
         return self._policies[version]
 
@@ -129,6 +158,10 @@ class EpochExchange:
         for old in [v for v in self._policies if v < epoch]:
             del self._policies[old]  # drops the last reference to old weights in the object store
         await self._notify()
+
+    async def held(self) -> dict[str, list[int]]:
+        """The epochs whose shards and the versions whose weights this exchange still holds."""
+        return {"shard_epochs": sorted(self._shards), "policy_versions": sorted(self._policies)}
 
     async def latest_checkpoint(self) -> tuple[int, str] | None:
         """(epoch, directory) of the newest learner checkpoint of this session, for a restarted

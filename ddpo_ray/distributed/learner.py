@@ -29,7 +29,7 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ddpo_ray.config import DDPOConfig
-from ddpo_ray.distributed.exchange import EpochExchange, PublishedPolicy
+from ddpo_ray.distributed.exchange import EpochExchange, EpochReleasedError, PublishedPolicy
 from ddpo_ray.distributed.weight_transport import PolicyWeights, make_transport
 from ddpo_ray.infra.torch_thread import match_torch_threads_to_cpus
 from ddpo_ray.maths.diffusion import Trajectories
@@ -85,16 +85,17 @@ def learner_loop(config: dict[str, Any]) -> None:
     raising: an error would make Ray Train restart the group, reloading the pipeline each time,
     against an exchange that can never answer again. The driver's next wait on the exchange
     raises `ExchangeLostError`. Lost trajectories end the same way (a restart would find them
-    lost too), after telling the exchange, so the driver's wait names them.
+    lost too), after telling the exchange, so the driver's wait names them; so do the released
+    shards a restart of a run without checkpoints asks for.
     """
     try:
         _learn(config)
     except ray.exceptions.ActorDiedError as exc:  # the only actor a worker calls is the exchange
         print(f"learner: the epoch exchange is gone ({type(exc).__name__}); this worker stops", flush=True)
-    except TrajectoriesLostError as exc:  # a restart would fetch the same lost objects: not retried
+    except (TrajectoriesLostError, EpochReleasedError) as exc:  # a restart would find the same: not retried
         print(f"learner: {exc}", flush=True)
         try:
-            ray.get(config["exchange"].fail.remote(f"TrajectoriesLostError: {exc}"))
+            ray.get(config["exchange"].fail.remote(f"{type(exc).__name__}: {exc}"))
         except ray.exceptions.RayActorError:
             pass  # the exchange went too: the driver's next wait says so
 
@@ -207,8 +208,10 @@ class Learner:
         # On the driver's node: it holds every epoch in flight, so it must not share the fate
         # of a sampler's or a learner's node (measured: a removed sampler node took it along).
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        self.exchange = EpochExchange.options(scheduling_strategy=here).remote()
         cluster = cfg.cluster
+        self.exchange = EpochExchange.options(scheduling_strategy=here).remote(
+            checkpointed=cfg.save_freq > 0, staleness=cluster.staleness
+        )
         self.timeout_s = cluster.learner_timeout_s
         use_gpu = cluster.gpus_per_learner_worker > 0
         resources = {"CPU": cluster.cpus_per_learner_worker}
