@@ -332,6 +332,12 @@ def test_kuberay_rayjob_runs_the_training_entrypoint(tmp_path):
     assert set(cfg.reward.components()) <= {app["name"] for app in yaml.safe_load(data["serve.yaml"])["applications"]}
     gpus = sum(g["replicas"] for g in job["rayClusterSpec"]["workerGroupSpecs"])
     assert gpus >= cfg.cluster.num_samplers + cfg.cluster.learner_workers
+    # The driver (on the head) writes the whole run directory; workers need no shared volume.
+    head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert cfg.output_dir in {m["mountPath"] for m in head["volumeMounts"]}
+    for group in job["rayClusterSpec"]["workerGroupSpecs"]:
+        for container in group["template"]["spec"]["containers"]:
+            assert cfg.output_dir not in {m["mountPath"] for m in container["volumeMounts"]}
 
 
 def test_kuberay_rayservice_hosts_every_reward_pool():

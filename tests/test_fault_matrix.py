@@ -280,7 +280,7 @@ def test_trajectories_lost_with_their_node_stop_the_learner_with_an_error_naming
     assert "epoch 5: the trajectories of parts [0] of 1" in str(error) and "resume_from=latest" in str(error)
 
 
-def _shard(epoch: int) -> "EpochShard":
+def _shard(epoch: int):
     from ddpo_ray.maths.sharding import EpochShard
 
     return EpochShard(epoch=epoch, parts=[(ray.put(np.zeros(4)), 0, 4)], advantages=np.zeros(4, dtype=np.float32))
@@ -304,7 +304,7 @@ def test_without_checkpoints_the_exchange_holds_one_epoch_in_flight_not_every_ep
             assert ray.get(exchange.get_shard.remote(epoch, 0)).epoch == epoch
             ray.get(exchange.put_policy.remote(_weights(epoch + 1), {}))  # epoch trained
         held = ray.get(exchange.held.remote())
-        assert held == {"shard_epochs": [], "policy_versions": [3, 4]}
+        assert held == {"shard_epochs": [], "policy_versions": [3, 4], "checkpoint_epochs": []}
         with pytest.raises(EpochReleasedError, match=r"epoch 0's shards were released .* save_freq > 0"):
             ray.get(exchange.get_shard.remote(0, 0, 1.0))
     finally:
@@ -322,9 +322,16 @@ def test_with_checkpoints_the_exchange_keeps_shards_until_a_checkpoint_covers_th
         for epoch in range(4):
             ray.get(exchange.put_epoch.remote(epoch, [_shard(epoch)]))
             ray.get(exchange.put_policy.remote(_weights(epoch + 1), {}))
-        assert ray.get(exchange.held.remote()) == {"shard_epochs": [0, 1, 2, 3], "policy_versions": [2, 3, 4]}
-        ray.get(exchange.put_checkpoint.remote(2, "/nowhere/epoch_0002"))
-        assert ray.get(exchange.held.remote()) == {"shard_epochs": [3], "policy_versions": [2, 3, 4]}
+        assert ray.get(exchange.held.remote()) == {"shard_epochs": [0, 1, 2, 3], "policy_versions": [2, 3, 4],
+                                                   "checkpoint_epochs": []}
+        ray.get(exchange.put_checkpoint.remote(1, {"state": 1}))
+        ray.get(exchange.put_checkpoint.remote(2, {"state": 2}))  # before the driver took epoch 1's
+        assert ray.get(exchange.held.remote()) == {"shard_epochs": [3], "policy_versions": [2, 3, 4],
+                                                   "checkpoint_epochs": [1, 2]}
+        assert ray.get(exchange.get_checkpoint.remote(1)) == {"state": 1}
+        assert ray.get(exchange.get_checkpoint.remote(2)) == {"state": 2}
+        assert ray.get(exchange.latest_checkpoint.remote()) == (2, {"state": 2})  # the restart point stays
+        assert ray.get(exchange.held.remote())["checkpoint_epochs"] == [2]
         assert ray.get(exchange.get_shard.remote(3, 0)).epoch == 3
     finally:
         ray.kill(exchange)
@@ -374,7 +381,7 @@ def test_a_learner_worker_killed_in_a_run_without_checkpoints_stops_it_naming_wh
 
     loop = EpochLoop(cfg, backend, exporter="ray", on_epoch=after_each_epoch)
     error = finishes(loop.run, "a run whose learner worker died").get("error")
-    assert held[:2] == [{"shard_epochs": [], "policy_versions": [0, 1]},
-                        {"shard_epochs": [], "policy_versions": [1, 2]}], held
+    assert held[:2] == [{"shard_epochs": [], "policy_versions": [0, 1], "checkpoint_epochs": []},
+                        {"shard_epochs": [], "policy_versions": [1, 2], "checkpoint_epochs": []}], held
     assert isinstance(error, (LearnerError, RuntimeError)), error
     assert "EpochReleasedError" in str(error) and "save_freq > 0" in str(error), error

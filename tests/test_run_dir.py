@@ -380,15 +380,39 @@ def test_prune_keeps_the_newest_complete_checkpoints_best_and_those_in_progress(
         run_dir.prune_checkpoints(-1)
 
 
-def test_a_process_that_cannot_see_the_run_directory_refuses_to_write_a_partial_copy(tmp_path):
-    """What a learner worker on a node without the shared filesystem meets (injected here: one
-    machine always sees its own files): it must fail, not create a second run directory."""
-    from ddpo_ray.records.run_dir import check_run_dir_visible
+def test_the_learner_state_travels_as_values_and_the_writer_makes_the_same_checkpoint(tiny_checkpoint, tmp_path):
+    """The distributed learner hands `learner_state` to the driver, which writes it (no node but
+    the driver's sees the run directory): the files and the restored state are what the
+    single-process writer gives, and the values are a copy on the CPU."""
+    from ddpo_ray.records import checkpoint
 
-    elsewhere = tmp_path / "not-mounted-here" / "run"
-    with pytest.raises(FileNotFoundError, match=r"learner worker 0: the run directory .*run \(its config.yaml\) "
-                                                r"is not visible here.*filesystem every node mounts"):
-        check_run_dir_visible(elsewhere, "learner worker 0")
-    assert not elsewhere.exists()
-    RunDirectory(tmp_path / "run").write_config({"seed": 0})
-    check_run_dir_visible(tmp_path / "run", "learner worker 0")
+    run_dir, directory, unet, optimizer, _ = tiny_checkpoint
+    state = checkpoint.learner_state(unet, True, optimizer)
+    assert all(t.device.type == "cpu" for t in state["weights"].values())
+    with torch.no_grad():
+        next(p for p in unet.parameters() if p.requires_grad).add_(1.0)  # the live model moves on
+    written = tmp_path / "written"
+    checkpoint.write_learner_state(written, state)
+    assert sorted(p.name for p in written.iterdir()) == sorted(p.name for p in directory.iterdir() if p.name != "COMPLETE"
+                                                               and p.name != checkpoint.RUN_STATE)
+    use_lora, weights = checkpoint.load_policy_weights(written)
+    assert use_lora and weights.keys() == state["weights"].keys()
+    checkpoint.restore_learner_state(checkpoint.read_learner_state(written), unet, True, optimizer)
+    for name, value in checkpoint.learner_state(unet, True, optimizer)["weights"].items():
+        torch.testing.assert_close(value, state["weights"][name])
+    with pytest.raises(ValueError, match=r"the learner state has use_lora=True, the config has False"):
+        checkpoint.restore_learner_state(state, unet, False, optimizer)
+
+
+def test_a_full_fine_tunes_checkpoint_holds_its_unet_as_one_safetensors_file(tmp_path):
+    from ddpo_ray.records import checkpoint
+
+    unet = torch.nn.Linear(3, 2)  # any module: a full fine-tune's trainable state is its state dict
+    optimizer = torch.optim.Adam(unet.parameters())
+    unet(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    checkpoint.write_learner_state(tmp_path, checkpoint.learner_state(unet, False, optimizer))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.LEARNER_STATE, checkpoint.POLICY_WEIGHTS]
+    use_lora, weights = checkpoint.load_policy_weights(tmp_path)
+    assert not use_lora and sorted(weights) == ["bias", "weight"]
+    assert checkpoint.read_learner_state(tmp_path)["optimizer"]["state"][0]["step"] == 1

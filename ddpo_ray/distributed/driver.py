@@ -31,6 +31,7 @@ from ddpo_ray.distributed.sampler import SampleTask
 from ddpo_ray.distributed.sampler_pool import SamplerPool
 from ddpo_ray.distributed.weight_transport import INITIAL_POLICY, PolicyWeights, make_transport
 from ddpo_ray.maths.sharding import split_epoch
+from ddpo_ray.records.checkpoint import write_learner_state
 from ddpo_ray.records.console import PhaseCounter
 from ddpo_ray.records.run_dir import RunDirectory
 from ddpo_ray.training.epoch_loop import EpochLoop, ScoredEpoch
@@ -127,9 +128,7 @@ class RayBackend:
     def learner_checkpoint(self, epoch: int, directory: Path, final: bool) -> None:
         if final:
             self.learner.stop(checkpoint_epoch=epoch)  # the learner writes it as it stops
-        written = self.learner.checkpoint(epoch)
-        if written.resolve() != directory.resolve():
-            raise RuntimeError(f"the learner wrote checkpoint {epoch} to {written}, expected {directory}")
+        write_learner_state(directory, self.learner.checkpoint(epoch))  # here: the workers see no run directory
 
     def finish(self) -> None:
         self.learner.finish()

@@ -6,16 +6,22 @@ shard per learner worker) and every learner worker pulls its own; learner rank 0
 policy version (a `PolicyWeights`, one object-store copy) and its training metrics here and the
 driver pulls them.
 
+The learner's checkpoints come here too, as values (its weights and optimizer state): the driver
+writes them into the run directory, so no other node needs to see it.
+
 Shards stay until the epoch is covered by a learner checkpoint: a Ray Train worker group that
-restarts after a failure resumes from the newest checkpoint recorded here and pulls the epochs
-after it again. (Not from `ray.train.get_checkpoint()`: Ray Train's controller collects reports
-by polling, so a worker that dies right after reporting can leave it one checkpoint behind,
-whose shards are already gone. Measured here: a kill just after the epoch-0 report restarted
-the group with no checkpoint at all.) A run that writes no checkpoints (`save_freq=0`) has no
-restart point, so its shards go as soon as their epoch is trained: the object store holds one
-epoch in flight, not every epoch of the run; a restarted worker group then stops with
-`EpochReleasedError` instead of waiting for shards that are gone. Policy versions go once no
-one can ask for them (more than 1 + staleness behind the newest), or once checkpointed.
+restarts after a failure resumes from the newest checkpoint held here (or from the state a
+resumed run started from) and pulls the epochs after it again. Not from
+`ray.train.get_checkpoint()`: Ray Train's controller collects reports by polling, so a worker
+that dies right after reporting can leave it one checkpoint behind, whose shards are already
+gone (measured here: a kill just after the epoch-0 report restarted the group with no
+checkpoint at all).
+
+A run that writes no checkpoints (`save_freq=0`) has no restart point, so its shards go as soon
+as their epoch is trained: the object store holds one epoch in flight, not every epoch of the
+run; a restarted worker group then stops with `EpochReleasedError` instead of waiting for
+shards that are gone. Policy versions go once no one can ask for them (more than 1 + staleness
+behind the newest), or once checkpointed.
 """
 
 from __future__ import annotations
@@ -55,7 +61,8 @@ class EpochExchange:
         self._released_through = -1  # epochs up to this one were trained and dropped (no checkpoints)
         self._shards: dict[int, list[EpochShard]] = {}
         self._policies: dict[int, PublishedPolicy] = {}
-        self._checkpointed: dict[int, str] = {}  # epoch -> checkpoint directory
+        self._checkpointed: dict[int, dict[str, Any]] = {}  # epoch -> the learner's state after it
+        self._fetched_through = -1  # the driver has taken the states up to this epoch to write
         self._changed = asyncio.Condition()
         self._stopped = False
         self._final_checkpoint: int | None = None
@@ -150,33 +157,49 @@ class EpochExchange:
             raise RuntimeError(f"the learner failed before publishing policy version {version}: {self._error}")
         return self._policies[version]
 
-    async def put_checkpoint(self, epoch: int, directory: str) -> None:
-        """The learner's half of checkpoint `epoch` is written; older shards are no longer needed."""
-        self._checkpointed[epoch] = directory
+    async def put_checkpoint(self, epoch: int, state: dict[str, Any], written: bool = False) -> None:
+        """The learner's state after `epoch` (`records.checkpoint.learner_state`): the driver writes
+        it into the run directory, and a restarted worker group starts from the newest one, so
+        older shards are no longer needed. `written`: already on disk (a resumed run's start)."""
+        self._checkpointed[epoch] = state
+        if written:
+            self._fetched_through = max(self._fetched_through, epoch)
+        self._drop_old_states()
         for old in [e for e in self._shards if e <= epoch]:
             del self._shards[old]
         for old in [v for v in self._policies if v < epoch]:
             del self._policies[old]  # drops the last reference to old weights in the object store
         await self._notify()
 
-    async def held(self) -> dict[str, list[int]]:
-        """The epochs whose shards and the versions whose weights this exchange still holds."""
-        return {"shard_epochs": sorted(self._shards), "policy_versions": sorted(self._policies)}
+    def _drop_old_states(self) -> None:
+        """Keep the newest state (the restart point) and those the driver has yet to write."""
+        newest = max(self._checkpointed)
+        for old in [e for e in self._checkpointed if e < newest and e <= self._fetched_through]:
+            del self._checkpointed[old]
 
-    async def latest_checkpoint(self) -> tuple[int, str] | None:
-        """(epoch, directory) of the newest learner checkpoint of this session, for a restarted
-        worker group: every shard after it is still here."""
+    async def held(self) -> dict[str, list[int]]:
+        """The epochs whose shards or learner states, and the versions whose weights, it holds."""
+        return {"shard_epochs": sorted(self._shards), "policy_versions": sorted(self._policies),
+                "checkpoint_epochs": sorted(self._checkpointed)}
+
+    async def latest_checkpoint(self) -> tuple[int, dict[str, Any]] | None:
+        """(epoch, learner state) of the newest checkpoint of this session, or the run's resume
+        point, for a (re)started worker group: every shard after it is still here."""
         if not self._checkpointed:
             return None
         epoch = max(self._checkpointed)
         return epoch, self._checkpointed[epoch]
 
-    async def get_checkpoint(self, epoch: int, timeout_s: float | None = None) -> str:
+    async def get_checkpoint(self, epoch: int, timeout_s: float | None = None) -> dict[str, Any]:
+        """The learner's state after `epoch`, for the driver to write (waits for it)."""
         await self._wait_for(lambda: epoch in self._checkpointed or self._error is not None, timeout_s,
                              f"the learner's checkpoint of epoch {epoch}")
         if epoch not in self._checkpointed:
             raise RuntimeError(f"the learner failed before checkpointing epoch {epoch}: {self._error}")
-        return self._checkpointed[epoch]
+        state = self._checkpointed[epoch]
+        self._fetched_through = max(self._fetched_through, epoch)
+        self._drop_old_states()
+        return state
 
     async def fail(self, error: str) -> None:
         """The learner gave up (its fit() raised): wake every waiter with the reason."""

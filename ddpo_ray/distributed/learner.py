@@ -4,11 +4,12 @@ Each worker holds the frozen pipeline and the trainable LoRA (DDP over the LoRA 
 there are several workers). Per epoch it pulls its shard from the `EpochExchange`, runs the
 PPO passes of `ddpo_ray.training.steps.train_inner_epochs` (the single-process loop's code), and reports
 metrics with `ray.train.report`; rank 0 publishes the new policy version through the weight
-transport and writes the learner's half of checkpoints (`ddpo_ray.records.checkpoint.save_learner_state`) into
-the run directory, the one copy (none is reported to Ray Train). A worker group that Ray Train
-restarts after a failure (`FailureConfig`) resumes from the newest of those checkpoints, as the
-exchange records them, and pulls the following epochs again (`learner_restarts` in the metrics
-counts restarts).
+transport and hands the learner's half of checkpoints (`ddpo_ray.records.checkpoint.learner_state`)
+to the exchange, from which the driver writes it into the run directory, the one copy (none is
+reported to Ray Train): the workers never touch the run directory, so a cluster needs no
+filesystem shared between nodes. A worker group that Ray Train restarts after a failure
+(`FailureConfig`) resumes from the newest of those states, as the exchange holds them, and pulls
+the following epochs again (`learner_restarts` in the metrics counts restarts).
 
 The driver side is `Learner`: it runs `TorchTrainer.fit()` on a background thread (fit blocks
 until training ends) and talks to the workers only through the exchange.
@@ -36,8 +37,8 @@ from ddpo_ray.maths.diffusion import Trajectories
 from ddpo_ray.maths.sharding import EpochShard
 from ddpo_ray.models.lora import trainable_state_dict
 from ddpo_ray.models.pipelines import load_pipeline
-from ddpo_ray.records.checkpoint import load_learner_state, save_learner_state
-from ddpo_ray.records.run_dir import RunDirectory, check_run_dir_visible
+from ddpo_ray.records.checkpoint import learner_state, read_learner_state, restore_learner_state
+from ddpo_ray.records.run_dir import RunDirectory
 from ddpo_ray.training.epoch_loop import checkpoint_due
 from ddpo_ray.training.collectives import mean_over_ranks, reduction_device
 from ddpo_ray.training.steps import make_trainer_state, train_inner_epochs
@@ -108,9 +109,6 @@ def _learn(config: dict[str, Any]) -> None:
     exchange = config["exchange"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
-    # Before RunDirectory(), which would create a local, partial copy on a node that cannot see it.
-    check_run_dir_visible(config["run_dir"], f"learner worker {rank} on node {ray.get_runtime_context().get_node_id()}")
-    run_dir = RunDirectory(config["run_dir"])
     match_torch_threads_to_cpus(cfg.cluster.torch_threads_here())  # cluster.torch_threads
     device = ray.train.torch.get_device()
 
@@ -118,16 +116,15 @@ def _learn(config: dict[str, Any]) -> None:
     trainer = make_trainer_state(pipe, cfg)
     params, optimizer = trainer.params, trainer.optimizer
 
-    # Where to start: this session's newest checkpoint when Ray Train restarted the worker group,
-    # else the run's resume point, else epoch 0 (see ddpo_ray.distributed.exchange for why not Ray Train's).
+    # Where to start: the exchange's newest checkpoint (this session's, when Ray Train restarted the
+    # worker group, else the state the run resumed from), else epoch 0 (see
+    # ddpo_ray.distributed.exchange for why not Ray Train's).
     first_epoch = config["first_epoch"]
     restart_point = ray.get(exchange.latest_checkpoint.remote())
     if restart_point is not None:
-        last_epoch, directory = restart_point
-        load_learner_state(Path(directory), pipe.unet, cfg.model.use_lora, optimizer)
+        last_epoch, state = restart_point
+        restore_learner_state(state, pipe.unet, cfg.model.use_lora, optimizer, where=f"checkpoint of epoch {last_epoch}")
         first_epoch = last_epoch + 1
-    elif config["resume_path"] is not None:
-        load_learner_state(Path(config["resume_path"]), pipe.unet, cfg.model.use_lora, optimizer)
 
     restarts = ray.get(exchange.group_started.remote()) if rank == 0 else 0
     if restarts:
@@ -167,20 +164,17 @@ def _learn(config: dict[str, Any]) -> None:
         publish(epoch + 1, metrics)
         last_trained = epoch
 
-        saved = checkpoint_due(cfg, epoch) and rank == 0
-        if saved:
-            save_learner_state(run_dir.checkpoint_path(epoch), pipe.unet, cfg.model.use_lora, optimizer)
+        saved = learner_state(pipe.unet, cfg.model.use_lora, optimizer) if checkpoint_due(cfg, epoch) and rank == 0 else None
         # No checkpoint goes to Ray Train: a restart reads the exchange's (above), so Ray Train's
         # copy under <run>/ray_train was a second copy of every checkpoint that nothing read.
         ray.train.report({"epoch": epoch, **metrics})  # a barrier for all ranks
-        if saved:
-            ray.get(exchange.put_checkpoint.remote(epoch, str(run_dir.checkpoint_path(epoch))))
+        if saved is not None:
+            ray.get(exchange.put_checkpoint.remote(epoch, saved))
 
     # A run stopped early (the guard) asks for a checkpoint of the last epoch it recorded.
     final = ray.get(exchange.final_checkpoint_epoch.remote())
     if rank == 0 and final is not None and final == last_trained and not checkpoint_due(cfg, final):
-        save_learner_state(run_dir.checkpoint_path(final), pipe.unet, cfg.model.use_lora, optimizer)
-        ray.get(exchange.put_checkpoint.remote(final, str(run_dir.checkpoint_path(final))))
+        ray.get(exchange.put_checkpoint.remote(final, learner_state(pipe.unet, cfg.model.use_lora, optimizer)))
 
 
 class LearnerPlacementError(RuntimeError):
@@ -212,6 +206,9 @@ class Learner:
         self.exchange = EpochExchange.options(scheduling_strategy=here).remote(
             checkpointed=cfg.save_freq > 0, staleness=cluster.staleness
         )
+        if resume_path is not None:  # read here, on the driver: the workers start from the exchange's copy
+            state = read_learner_state(Path(resume_path))
+            ray.get(self.exchange.put_checkpoint.remote(first_epoch - 1, state, written=True))
         self.timeout_s = cluster.learner_timeout_s
         use_gpu = cluster.gpus_per_learner_worker > 0
         resources = {"CPU": cluster.cpus_per_learner_worker}
@@ -222,9 +219,7 @@ class Learner:
             train_loop_config={
                 "cfg": cfg.to_dict(),
                 "exchange": self.exchange,
-                "run_dir": str(run_dir.root.resolve()),
                 "first_epoch": first_epoch,
-                "resume_path": None if resume_path is None else str(Path(resume_path).resolve()),
             },
             scaling_config=ScalingConfig(
                 num_workers=cluster.learner_workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -306,10 +301,11 @@ class Learner:
         ref = self.exchange.get_policy.remote(lost.version, self.timeout_s, replacing=lost)
         return self._get(ref, self.timeout_s, f"policy({lost.version}) published anew").weights
 
-    def checkpoint(self, epoch: int, timeout_s: float | None = None) -> Path:
-        """The directory of checkpoint `epoch` once the learner's half is written (same deadline)."""
+    def checkpoint(self, epoch: int, timeout_s: float | None = None) -> dict[str, Any]:
+        """The learner's state after `epoch` (`records.checkpoint.learner_state`) once it has
+        handed it over (same deadline), for the driver to write."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        return Path(self._get(self.exchange.get_checkpoint.remote(epoch, timeout_s), timeout_s, f"checkpoint({epoch})"))
+        return self._get(self.exchange.get_checkpoint.remote(epoch, timeout_s), timeout_s, f"checkpoint({epoch})")
 
     def stop(self, checkpoint_epoch: int | None = None) -> None:
         """No more epochs; with `checkpoint_epoch`, rank 0 first checkpoints that (last trained) epoch."""

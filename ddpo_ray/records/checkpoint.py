@@ -2,8 +2,8 @@
 
 checkpoints/epoch_NNNN/
     pytorch_lora_weights.safetensors  (use_lora) `pipe.load_lora_weights(dir)` loads it
-    unet/                             (full fine-tune) `UNet2DConditionModel.from_pretrained`
-    learner_state.pt                  trainable weights and optimizer (written by the learner)
+    policy_weights.safetensors        (full fine-tune) the UNet's state dict
+    learner_state.pt                  trainable weights and optimizer (the learner's state)
     run_state.pt                      epoch, policy version, advantage tracker, RNG state
                                       (written by whoever runs the epoch loop)
     COMPLETE                          written last, removed first when the checkpoint is rewritten;
@@ -17,7 +17,9 @@ checkpoints/best/
 
 The two state files are separate because, in the distributed system, the learner (a Ray Train
 worker) owns the weights and optimizer while the driver owns the tracker and the epoch count.
-The single-process loop writes both with `save_checkpoint`.
+The learner hands its state over as values (`learner_state`) and the driver writes every file
+(`write_learner_state`), so no other node needs to see the run directory. The single-process
+loop writes both with `save_checkpoint`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from ddpo_ray.models.lora import (
     LORA_WEIGHTS_FILE,
     load_trainable_state_dict,
     read_lora_weights,
-    save_lora,
     save_lora_weights,
     trainable_state_dict,
 )
@@ -78,25 +79,56 @@ def _load_state(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def save_learner_state(
-    directory: Path, unet: UNet2DConditionModel, use_lora: bool, optimizer: torch.optim.Optimizer
-) -> None:
-    """The learner's half: the policy in diffusers' format, plus weights and optimizer state.
+def learner_state(unet: UNet2DConditionModel, use_lora: bool, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The learner's half as values on the CPU (a copy): trainable weights and optimizer state."""
+    return {
+        "use_lora": use_lora,
+        "weights": trainable_state_dict(unet, use_lora),
+        "optimizer": _on_cpu(optimizer.state_dict()),
+    }
+
+
+def _on_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, Mapping):
+        return {k: _on_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_on_cpu(v) for v in value)
+    return value
+
+
+def write_learner_state(directory: Path, state: Mapping[str, Any]) -> None:
+    """Write the learner's half (`learner_state`): the policy in a loadable format, plus the state.
 
     Each file is replaced atomically; the checkpoint's COMPLETE goes first, so a rewrite cut
     short is never taken for a whole checkpoint.
     """
     _begin_rewrite(directory)
-    if use_lora:
-        save_lora(unet, directory, save_function=_atomic_safetensors)
-    else:
-        unet.save_pretrained(directory / "unet")
-    state = {
-        "use_lora": use_lora,
-        "weights": trainable_state_dict(unet, use_lora),
-        "optimizer": optimizer.state_dict(),
-    }
+    _write_policy_weights(directory, state["weights"], bool(state["use_lora"]))
     _atomic_torch_save(state, directory / LEARNER_STATE)
+
+
+def save_learner_state(
+    directory: Path, unet: UNet2DConditionModel, use_lora: bool, optimizer: torch.optim.Optimizer
+) -> None:
+    """The learner's half, from the live model (the single-process loop)."""
+    write_learner_state(directory, learner_state(unet, use_lora, optimizer))
+
+
+def _write_policy_weights(directory: Path, weights: Mapping[str, torch.Tensor], use_lora: bool) -> None:
+    """A LoRA in diffusers' format (`pipe.load_lora_weights(dir)`), or a full UNet's state dict as
+    policy_weights.safetensors; the other format's file, left by an earlier write, goes."""
+    from safetensors.torch import save
+
+    if use_lora:
+        save_lora_weights(weights, directory, save_function=_atomic_safetensors)
+        stale = directory / POLICY_WEIGHTS
+    else:
+        plain = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+        atomic_write(directory / POLICY_WEIGHTS, save(plain, metadata={"use_lora": "false"}))
+        stale = directory / LORA_WEIGHTS_FILE
+    stale.unlink(missing_ok=True)
 
 
 def save_run_state(
@@ -169,10 +201,17 @@ def read_learner_state(path: Path) -> dict[str, Any]:
 def load_learner_state(
     path: Path, unet: UNet2DConditionModel, use_lora: bool, optimizer: torch.optim.Optimizer
 ) -> None:
-    """Restore the trainable weights and the optimizer in place."""
-    state = read_learner_state(path)
+    """Restore the trainable weights and the optimizer in place from checkpoint `path`."""
+    restore_learner_state(read_learner_state(path), unet, use_lora, optimizer, where=f"checkpoint {path}")
+
+
+def restore_learner_state(
+    state: Mapping[str, Any], unet: UNet2DConditionModel, use_lora: bool, optimizer: torch.optim.Optimizer,
+    where: str = "the learner state",
+) -> None:
+    """Restore the trainable weights and the optimizer in place from `learner_state` values."""
     if state["use_lora"] != use_lora:
-        raise ValueError(f"checkpoint {path} has use_lora={state['use_lora']}, the config has {use_lora}")
+        raise ValueError(f"{where} has use_lora={state['use_lora']}, the config has {use_lora}")
     load_trainable_state_dict(unet, use_lora, state["weights"])
     optimizer.load_state_dict(state["optimizer"])
 
@@ -217,18 +256,9 @@ def save_best(
     `pipe.load_lora_weights("checkpoints/best")` works. Every file is replaced atomically and
     best.json goes last, so best.json never names weights that are not there.
     """
-    from safetensors.torch import save
-
     directory = run_dir.best_dir
     directory.mkdir(parents=True, exist_ok=True)
-    if use_lora:
-        save_lora_weights(weights, directory, save_function=_atomic_safetensors)
-        stale = directory / POLICY_WEIGHTS  # left by a full fine-tune or an older ddpo-ray
-    else:
-        plain = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
-        atomic_write(directory / POLICY_WEIGHTS, save(plain, metadata={"use_lora": "false"}))
-        stale = directory / LORA_WEIGHTS_FILE
-    stale.unlink(missing_ok=True)
+    _write_policy_weights(directory, weights, use_lora)
     if model_card is not None:
         atomic_write(directory / MODEL_CARD, model_card.encode("utf-8"))
     atomic_write(directory / BEST_INFO, (json.dumps(dict(info), indent=1) + "\n").encode("utf-8"))

@@ -92,20 +92,6 @@ def new_run_root(cfg: "DDPOConfig") -> Path:
     return root
 
 
-def check_run_dir_visible(root: str | os.PathLike, who: str) -> None:
-    """Refuse to work in a run directory this process cannot see (its config.yaml is written first).
-
-    Processes on other nodes (the learner writing its half of every checkpoint) use the driver's
-    path; without a filesystem shared at that path they would write a second, partial run
-    directory on their own node, and the first checkpoint would never be complete.
-    """
-    if not (Path(root) / CONFIG_FILE).is_file():
-        raise FileNotFoundError(
-            f"{who}: the run directory {root} (its {CONFIG_FILE}) is not visible here; on a multi-node "
-            "cluster output_dir must be on a filesystem every node mounts at the same path"
-        )
-
-
 class RunDirectory:
     """Names, writes and reads the files of one run; see the module docstring for the layout."""
 
