@@ -336,6 +336,12 @@ class DDPOConfig(_Section):
     preset: str = "tiny"
     run_name: str | None = Field(None, description="default: <preset>-<date>-<time>-<random hex>")
     output_dir: str = Field("outputs", min_length=1)
+    storage_uri: str | None = Field(
+        None,
+        description="also keep the run at <storage_uri>/<run_name>/ (s3://, gs://, hdfs://, abfs://, file://): "
+        "mirrored after every checkpoint and at the end, fetched by resume_from=latest when the run directory "
+        "is missing here (ddpo_ray.records.storage)",
+    )
     seed: int = Field(0, ge=0, le=SEED_MAX)
     num_epochs: int = Field(5, ge=1)
     save_freq: int = Field(1, ge=0, description="checkpoint every N epochs (0: only at the end)")
@@ -406,6 +412,13 @@ class DDPOConfig(_Section):
                 "control characters (newlines), surrounding spaces, and not '.' or '..'"
             )
         return value
+
+    @field_validator("storage_uri")
+    @classmethod
+    def _storage_uri_parses(cls, value: str | None) -> str | None:
+        from ddpo_ray.records.storage import check_storage_uri
+
+        return value if value is None else check_storage_uri(value)
 
     @field_validator("output_dir")
     @classmethod

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ from ddpo_ray.records.files import atomic_write
 from ddpo_ray.records.metrics import EpochMetrics
 from ddpo_ray.records.model_card import run_model_card
 from ddpo_ray.records.run_dir import RunDirectory, new_run_root
+from ddpo_ray.records.storage import RunStorage, StorageError
 from ddpo_ray.records.trackers import open_trackers
 from ddpo_ray.training.evaluation import EvalRecorder
 
@@ -139,6 +141,8 @@ class EpochLoop:
     ):
         self.cfg, self.backend, self.on_epoch = cfg, backend, on_epoch
         self.run_dir = RunDirectory(new_run_root(cfg))
+        # storage_uri: the run directory is mirrored there after every checkpoint and at the end.
+        self.storage = RunStorage(cfg.storage_uri, self.run_dir.root.name) if cfg.storage_uri else None
         self.exported = EpochMetrics(self.run_dir.root.name, exporter if cfg.metrics else "off")
         self.advantages = AdvantageEstimator(
             cfg.advantage.mode, cfg.advantage.buffer_size, cfg.advantage.min_count,
@@ -160,6 +164,9 @@ class EpochLoop:
         cfg, run_dir = self.cfg, self.run_dir
         run_dir.write_config(cfg.to_dict())
         log.info("run directory: %s (log: %s)", run_dir.root, run_dir.log_path.name)
+        if self.storage is not None:
+            self.storage.check()  # before anything runs: a storage that cannot take the run fails now
+            log.info("mirrored to %s after every checkpoint and at the end", self.storage.uri)
         first_epoch, first_version, resume_path = self._resume()
         self.history = run_dir.read_metrics()
         if first_epoch >= cfg.num_epochs:
@@ -199,12 +206,30 @@ class EpochLoop:
             self.backend.close()
             run_dir.trackers.close()
             run_dir.trackers = None
+            self._mirror(at_end=True)
         return self.history
+
+    def _mirror(self, at_end: bool = False) -> None:
+        """Push the run directory to storage_uri. At the end of a run that is failing, a push that
+        fails too is logged, so the run's own error is the one raised."""
+        if self.storage is None:
+            return
+        failing = sys.exc_info()[1] is not None
+        try:
+            uploaded = self.storage.push(self.run_dir.root)
+            log.debug("pushed %d files to %s%s", uploaded, self.storage.uri, " (end of run)" if at_end else "")
+        except StorageError as exc:
+            if not (at_end and failing):
+                raise
+            log.error("%s", exc)
 
     def _resume(self) -> tuple[int, int, Path | None]:
         """(first epoch, first policy version, checkpoint directory) of this run."""
         if not self.cfg.resume_from:
             return 0, 0, None
+        if self.cfg.resume_from == "latest" and self.storage is not None and self.run_dir.latest_checkpoint() is None:
+            fetched = self.storage.pull(self.run_dir.root)  # a resume on a node without the run directory
+            log.info("fetched %d files of the run from %s", fetched, self.storage.uri)
         path = resolve_resume_path(self.cfg.resume_from, self.run_dir)
         state = load_run_state(path, self.advantages)
         self._rng_state = state["torch_rng"]
@@ -261,6 +286,7 @@ class EpochLoop:
         self.last_checkpoint = epoch
         for pruned in self.run_dir.prune_checkpoints(self.cfg.keep_last_n):
             log.debug("deleted checkpoint %s (keep_last_n=%d)", pruned.name, self.cfg.keep_last_n)
+        self._mirror()
 
     def _checkpoint_on_stop(self) -> None:
         """A guard stop checkpoints the last finished epoch, so `resume_from=latest` starts there."""
