@@ -122,6 +122,49 @@ def test_per_step_advantages_train_their_own_steps(tiny_pipe):
         gradient(torch.zeros(2, 2))
 
 
+def test_steps_after_the_last_branch_are_skipped_with_the_gradient_they_would_give(tiny_pipe):
+    """The tree's steps after the last branch have advantage 0: training does not compute them
+    (fewer UNet calls) and the gradient is the one computing them gives; refused where a
+    skipped step would have mattered."""
+    params = add_lora(tiny_pipe.unet, rank=4)
+    randomize_lora(tiny_pipe.unet)
+    traj = sample_trajectories(tiny_pipe, ["a cat", "a dog", "a cow", "a fox"], num_steps=5, guidance_scale=1.0,
+                               eta=1.0, resolution=64, generator=torch.Generator().manual_seed(0))
+    advantages = torch.tensor(np.random.default_rng(0).normal(size=(4, 5)), dtype=torch.float32)
+    advantages[:, 3:] = 0.0  # 3 branching steps of 5
+    train = TrainConfig(batch_size=2, learning_rate=1e-9, clip_range=10.0, gradient_accumulation_steps=2)
+    calls = []
+    hook = tiny_pipe.unet.register_forward_hook(lambda *args: calls.append(1))
+
+    def gradient(train: TrainConfig, **options) -> tuple[torch.Tensor, dict]:
+        optimizer = make_optimizer(params, train)
+        captured = []
+        optimizer.step = lambda *a, **k: captured.append(torch.cat([p.grad.flatten().clone() for p in params]))
+        calls.clear()
+        metrics = train_epoch(tiny_pipe.unet, tiny_pipe.scheduler, optimizer, params, traj, advantages, train,
+                              guidance_scale=1.0, eta=1.0, generator=torch.Generator().manual_seed(0), **options)
+        return captured[0], {**metrics, "unet_calls": len(calls)}
+
+    try:
+        every_step, every_metrics = gradient(train)
+        skipping, skip_metrics = gradient(train, steps_with_signal=3)
+        assert (every_metrics["unet_calls"], skip_metrics["unet_calls"]) == (2 * 5, 2 * 3)
+        assert every_step.abs().sum() > 0
+        # the same (sample, step) pairs batched otherwise: equal up to float rounding
+        assert ((skipping - every_step).norm() / every_step.norm()).item() < 1e-5
+        with pytest.raises(ValueError, match=r"steps_with_signal with train.kl_coef=0.1: the KL penalty"):
+            gradient(TrainConfig(batch_size=2, kl_coef=0.1), steps_with_signal=3)
+        with pytest.raises(ValueError, match=r"steps_with_signal=2, but advantages after step 2 are not 0"):
+            gradient(train, steps_with_signal=2)
+    finally:
+        hook.remove()
+    from ddpo_ray.training.steps import steps_with_signal
+
+    assert steps_with_signal(build_config(overrides=SMALL)) == 3
+    assert steps_with_signal(build_config(overrides=[*SMALL, "train.kl_coef=0.1"])) is None
+    assert steps_with_signal(build_config("tiny")) == 3  # of 5: the recipe computes 3 steps in 5
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_distributed_run_trains_the_same_trees_as_the_local_loop(reward_apps, tmp_path):

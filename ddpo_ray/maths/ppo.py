@@ -151,19 +151,25 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def shuffle_for_training(
-    trajectories: Trajectories, advantages: torch.Tensor, generator: torch.Generator
+    trajectories: Trajectories, advantages: torch.Tensor, generator: torch.Generator,
+    steps_with_signal: int | None = None,
 ) -> tuple[Trajectories, torch.Tensor]:
     """Shuffle samples, and each sample's timesteps independently (DDPO's per-sample permutation).
 
     After this, column j of row i is some step of trajectory i; the first
     int(T * timestep_fraction) columns are the ones trained. Per-step advantages (B, T) move
-    with their steps; per-sample ones (B,) with their rows.
+    with their steps; per-sample ones (B,) with their rows. With `steps_with_signal` = s (only
+    the first s denoising steps can carry a nonzero advantage: branched sampling), each row's
+    permutation puts those s steps first, in their random order, so the columns after s hold
+    only zero-advantage steps.
     """
     batch, steps = trajectories.timesteps.shape
     order = torch.randperm(batch, generator=generator)
     shuffled = trajectories.select(order)
     advantages = advantages[order.to(advantages.device)]
     perms = torch.stack([torch.randperm(steps, generator=generator) for _ in range(batch)])
+    if steps_with_signal is not None:  # a stable sort on "no signal": the signal steps' order stays random
+        perms = torch.stack([row[torch.argsort((row >= steps_with_signal).to(torch.int8), stable=True)] for row in perms])
     perms = perms.to(shuffled.timesteps.device)
 
     def per_row(x: torch.Tensor) -> torch.Tensor:
@@ -177,6 +183,20 @@ def shuffle_for_training(
     if advantages.ndim == 2:
         advantages = per_row(advantages)
     return shuffled, advantages
+
+
+def _check_steps_with_signal(steps_with_signal: int, advantages: torch.Tensor, steps: int, train: TrainConfig) -> None:
+    if not 1 <= steps_with_signal <= steps:
+        raise ValueError(f"steps_with_signal={steps_with_signal}; expected 1..{steps} (the trajectories' steps)")
+    if advantages.ndim != 2:
+        raise ValueError("steps_with_signal needs per-step advantages (B, T); got one per sample")
+    if train.kl_coef > 0:
+        raise ValueError(
+            f"steps_with_signal with train.kl_coef={train.kl_coef}: the KL penalty has a gradient at every "
+            "step, so no step may be skipped"
+        )
+    if advantages[:, steps_with_signal:].abs().max() > 0:
+        raise ValueError(f"steps_with_signal={steps_with_signal}, but advantages after step {steps_with_signal} are not 0")
 
 
 def make_grad_scaler(compute_dtype: torch.dtype, device: torch.device | str) -> "torch.amp.GradScaler | None":
@@ -243,6 +263,7 @@ def train_epoch(
     compute_dtype: torch.dtype = torch.float32,
     no_sync: Callable[[], ContextManager] = contextlib.nullcontext,
     grad_scaler: "torch.amp.GradScaler | None" = None,
+    steps_with_signal: int | None = None,
 ) -> dict[str, float]:
     """One pass of DDPO-IS or DDPO-SF over `trajectories` (one inner epoch); averaged statistics.
 
@@ -253,6 +274,12 @@ def train_epoch(
     train.cfg, else 1.0). fp16 needs `grad_scaler` (`make_grad_scaler`); it is unscaled before
     the norm clip, and a step with non-finite gradients is skipped (and not counted).
     Statistics stay on the device until the end: one host sync per epoch, not per step.
+
+    `steps_with_signal` = s: per-step advantages are 0 after each trajectory's first s steps
+    (branched sampling's steps after the last branch), so those steps are not computed: their
+    loss and gradient are exactly 0 (the PPO loss is proportional to the advantage; refused
+    with a KL penalty, whose gradient they would carry). The loss keeps its scale (the mean over
+    every trained step), so the gradient is the one computing them would give.
     """
     if compute_dtype == torch.float16 and grad_scaler is None:
         raise ValueError(
@@ -273,11 +300,15 @@ def train_epoch(
             f"train.gradient_accumulation_steps={train.gradient_accumulation_steps}"
         )
     num_train_timesteps = int(steps * train.timestep_fraction)
-    backwards_per_step = num_train_timesteps * train.gradient_accumulation_steps
+    backwards_per_step = num_train_timesteps * train.gradient_accumulation_steps  # the loss's scale
+    computed_timesteps = num_train_timesteps
+    if steps_with_signal is not None:
+        _check_steps_with_signal(steps_with_signal, advantages, steps, train)
+        computed_timesteps = min(num_train_timesteps, steps_with_signal)
 
     device = trajectories.latents.device
     scheduler.set_timesteps(steps, device=device)
-    shuffled, shuffled_adv = shuffle_for_training(trajectories, advantages, generator)
+    shuffled, shuffled_adv = shuffle_for_training(trajectories, advantages, generator, steps_with_signal)
     # Every (sample, step)'s loss weight at once: they depend on the schedule alone.
     flat_weights = step_weights(scheduler, shuffled.timesteps.flatten(), train, eta)
     all_weights = None if flat_weights is None else flat_weights.reshape(shuffled.timesteps.shape)
@@ -295,13 +326,13 @@ def train_epoch(
         rows = slice(m * train.batch_size, (m + 1) * train.batch_size)
         mb_adv = shuffled_adv[rows].to(device, torch.float32)  # (b,) per sample or (b, T) per step
         update_after_minibatch = m % train.gradient_accumulation_steps == train.gradient_accumulation_steps - 1
-        for j in range(num_train_timesteps):
+        for j in range(computed_timesteps):
             step_inputs = (
                 shuffled.latents[rows, j], shuffled.timesteps[rows, j],
                 shuffled.prompt_embeds[rows], shuffled.negative_prompt_embeds[rows],
             )
             step_options = {"guidance_scale": guidance_scale, "eta": eta, "compute_dtype": compute_dtype}
-            last_backward = update_after_minibatch and j == num_train_timesteps - 1
+            last_backward = update_after_minibatch and j == computed_timesteps - 1
             with contextlib.nullcontext() if last_backward else no_sync():
                 if train.kl_coef > 0:
                     # Before the policy's forward: switching the adapter off between a (DDP) forward

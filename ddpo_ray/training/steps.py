@@ -158,6 +158,17 @@ def with_recomputed_log_probs(unet: torch.nn.Module, scheduler, trajectories: Tr
     return out, deviation
 
 
+def steps_with_signal(cfg: DDPOConfig) -> int | None:
+    """How many of a trajectory's first steps can carry a nonzero advantage, when fewer than all:
+    with branched sampling (`advantage.mode: tree`) the steps after the last branch get 0, so
+    training skips them (a third to a half of its compute on `tiny`). None: every step can (and
+    always with a KL penalty, which acts at every step)."""
+    if cfg.advantage.mode != "tree" or cfg.train.kl_coef > 0:
+        return None
+    depth = tree_depth(cfg.sample.samples_per_prompt, cfg.sample.num_steps)
+    return depth if depth < cfg.sample.num_steps else None
+
+
 def train_inner_epochs(
     unet: torch.nn.Module,
     scheduler,
@@ -194,6 +205,7 @@ def train_inner_epochs(
             compute_dtype=compute_dtype(cfg.model.mixed_precision),
             no_sync=no_sync,
             grad_scaler=grad_scaler,
+            steps_with_signal=steps_with_signal(cfg),
         ))
     metrics = {key: float(np.mean([m[key] for m in inner_metrics])) for key in inner_metrics[0]}
     metrics["ratio_max_dev"] = max(m["ratio_max_dev"] for m in inner_metrics)
