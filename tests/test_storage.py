@@ -83,10 +83,10 @@ def test_a_push_cut_short_never_leaves_a_marker_for_a_partial_checkpoint(tmp_pat
     run_dir.mark_checkpoint_complete(0)
     upload = RunStorage._upload
 
-    def failing_upload(self, path, rel):  # injected: the connection drops mid-push
+    def failing_upload(self, path, rel, stamp):  # injected: the connection drops mid-push
         if rel.endswith("learner_state.pt"):
             raise OSError("connection reset")
-        upload(self, path, rel)
+        upload(self, path, rel, stamp)
 
     monkeypatch.setattr(RunStorage, "_upload", failing_upload)
     with pytest.raises(StorageError, match=r"storage_uri: mirroring to file://.*/mirror/run failed: OSError: connection reset"):
@@ -95,6 +95,50 @@ def test_a_push_cut_short_never_leaves_a_marker_for_a_partial_checkpoint(tmp_pat
     monkeypatch.setattr(RunStorage, "_upload", upload)
     storage.push(run_dir.root)
     assert (mirrored / COMPLETE_MARKER).is_file() and (mirrored / "learner_state.pt").read_bytes() == b"new state, longer"
+
+
+def test_best_json_goes_last_so_it_never_names_weights_the_mirror_lacks(tmp_path, monkeypatch):
+    run_dir = _fake_run(tmp_path / "run", epochs=())
+    run_dir.best_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir.best_dir / "pytorch_lora_weights.safetensors").write_bytes(b"v3 weights")
+    (run_dir.best_dir / "best.json").write_text('{"policy_version": 3}')
+    storage = RunStorage(f"file://{tmp_path}/mirror", "run")
+    storage.push(run_dir.root)
+    (run_dir.best_dir / "pytorch_lora_weights.safetensors").write_bytes(b"v7 weights!")
+    (run_dir.best_dir / "best.json").write_text('{"policy_version": 7}')
+    upload = RunStorage._upload
+
+    def failing_upload(self, path, rel, stamp):
+        if rel.endswith(".safetensors"):
+            raise OSError("connection reset")
+        upload(self, path, rel, stamp)
+
+    monkeypatch.setattr(RunStorage, "_upload", failing_upload)
+    with pytest.raises(StorageError):
+        storage.push(run_dir.root)
+    assert not (tmp_path / "mirror" / "run" / "checkpoints" / "best" / "best.json").exists()
+    monkeypatch.setattr(RunStorage, "_upload", upload)
+    storage.push(run_dir.root)
+    assert (tmp_path / "mirror" / "run" / "checkpoints" / "best" / "best.json").read_text() == '{"policy_version": 7}'
+
+
+def test_the_mirror_never_takes_another_runs_place(tmp_path):
+    """A new run with a name the mirror already holds is refused (its first push would delete
+    that run there); so is a resume from a run directory older than the mirror's checkpoints
+    (the run went on on another node)."""
+    mirror = f"file://{tmp_path}/mirror"
+    RunStorage(mirror, "run").push(_fake_run(tmp_path / "elsewhere" / "run", epochs=(0, 1, 2)).root)
+    stale = _fake_run(tmp_path / "here" / "run", epochs=(0,))
+    storage = RunStorage(mirror, "run")
+    with pytest.raises(StorageError, match=r"storage_uri: file://.*/mirror/run already holds a run named 'run' "
+                                           r"\(\d+ files\); pass resume_from=latest"):
+        storage.check(stale, resuming=False)
+    with pytest.raises(StorageError, match=r"holds checkpoint epoch 2, newer than this run directory's newest "
+                                           r"\(epoch 0, .*\): the run went on elsewhere"):
+        storage.check(stale, resuming=True)
+    storage.check(_fake_run(tmp_path / "fresh" / "run", epochs=()), resuming=True)  # nothing here: it is fetched
+    storage.check(_fake_run(tmp_path / "caught-up" / "run", epochs=(0, 1, 2)), resuming=True)
+    RunStorage(mirror, "another-run").check(stale, resuming=False)
 
 
 def test_a_storage_that_cannot_take_the_run_fails_before_the_first_epoch(tmp_path):

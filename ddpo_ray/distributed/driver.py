@@ -127,7 +127,7 @@ class RayBackend:
 
     def learner_checkpoint(self, epoch: int, directory: Path, final: bool) -> None:
         if final:
-            self.learner.stop(checkpoint_epoch=epoch)  # the learner writes it as it stops
+            self.learner.stop(checkpoint_epoch=epoch)  # the learner hands it over as it stops
         write_learner_state(directory, self.learner.checkpoint(epoch))  # here: the workers see no run directory
 
     def finish(self) -> None:

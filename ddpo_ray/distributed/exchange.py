@@ -17,7 +17,7 @@ that dies right after reporting can leave it one checkpoint behind, whose shards
 gone (measured here: a kill just after the epoch-0 report restarted the group with no
 checkpoint at all).
 
-A run that writes no checkpoints (`save_freq=0`) has no restart point, so its shards go as soon
+A run that checkpoints only at its end (`save_freq=0`) has no restart point, so its shards go as soon
 as their epoch is trained: the object store holds one epoch in flight, not every epoch of the
 run; a restarted worker group then stops with `EpochReleasedError` instead of waiting for
 shards that are gone. Policy versions go once no one can ask for them (more than 1 + staleness
@@ -50,7 +50,7 @@ class EpochReleasedError(RuntimeError):
 class EpochExchange:
     """An async actor; every wait is an asyncio wait, so one call never blocks another.
 
-    `checkpointed`: the learner writes checkpoints (`save_freq > 0`), so shards are kept until
+    `checkpointed`: the learner checkpoints during the run (`save_freq > 0`), so shards are kept until
     one covers them. `staleness`: how far behind the newest version the driver samples, so how
     many versions it may still ask for.
     """
@@ -93,7 +93,7 @@ class EpochExchange:
         if epoch <= self._released_through and epoch not in self._shards:
             raise EpochReleasedError(
                 f"epoch {epoch}'s shards were released once it was trained: with save_freq=0 the learner "
-                "writes no checkpoint, so a restarted worker group has nothing to resume from and the run "
+                "checkpoints only at the end, so a restarted worker group has nothing to resume from and the run "
                 "stops here; set save_freq > 0 for a learner that survives a worker failure"
             )
         await self._wait_for(lambda: epoch in self._shards or self._stopped, timeout_s)
@@ -184,7 +184,7 @@ class EpochExchange:
 
     async def latest_checkpoint(self) -> tuple[int, dict[str, Any]] | None:
         """(epoch, learner state) of the newest checkpoint of this session, or the run's resume
-        point, for a (re)started worker group: every shard after it is still here."""
+        point, for a (re)started worker group: every shard after it is still here (save_freq > 0)."""
         if not self._checkpointed:
             return None
         epoch = max(self._checkpointed)

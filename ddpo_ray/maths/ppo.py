@@ -195,7 +195,7 @@ def _check_steps_with_signal(steps_with_signal: int, advantages: torch.Tensor, s
             f"steps_with_signal with train.kl_coef={train.kl_coef}: the KL penalty has a gradient at every "
             "step, so no step may be skipped"
         )
-    if advantages[:, steps_with_signal:].abs().max() > 0:
+    if steps_with_signal < steps and bool(advantages[:, steps_with_signal:].any()):
         raise ValueError(f"steps_with_signal={steps_with_signal}, but advantages after step {steps_with_signal} are not 0")
 
 
@@ -279,7 +279,9 @@ def train_epoch(
     (branched sampling's steps after the last branch), so those steps are not computed: their
     loss and gradient are exactly 0 (the PPO loss is proportional to the advantage; refused
     with a KL penalty, whose gradient they would carry). The loss keeps its scale (the mean over
-    every trained step), so the gradient is the one computing them would give.
+    every trained step), so the gradient is the one computing them would give; the statistics
+    (loss, approx_kl, clipfrac, the ratios) are then over the computed steps only. Meant for
+    `timestep_fraction` 1: with fewer trained steps it would favour the signal steps.
     """
     if compute_dtype == torch.float16 and grad_scaler is None:
         raise ValueError(

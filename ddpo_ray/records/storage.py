@@ -6,9 +6,12 @@ driver also mirrors that directory to `<storage_uri>/<run_name>/` after every ch
 the run ends, so a run outlives the node it ran on; `resume_from=latest` on a node that lacks the
 run directory first fetches it from there.
 
-The mirror keeps the checkpoints' guarantee: a checkpoint's COMPLETE marker is uploaded after
-every other file of the push, and deleted there before any file of its directory changes, so a
-mirrored checkpoint with COMPLETE is whole. Checkpoints pruned locally (`keep_last_n`) are deleted there too.
+The mirror keeps the checkpoints' guarantees: a checkpoint's COMPLETE marker (and best/'s
+best.json, which names the best weights) is uploaded after every other file of the push, and
+deleted there before any file of its directory changes, so a mirrored checkpoint with COMPLETE
+is whole. Checkpoints pruned locally (`keep_last_n`) are deleted there too. The mirror never
+overwrites a different run: a new run refuses a run name the mirror already holds, and a resume
+refuses a run directory here older than the mirror's newest checkpoint.
 
 Through pyarrow.fs, which Ray uses for its own storage: credentials come from the environment, as
 for any client of that store (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an instance role for
@@ -19,18 +22,26 @@ S3, GOOGLE_APPLICATION_CREDENTIALS for GCS); options go in the URI's query
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
-from ddpo_ray.records.run_dir import COMPLETE_MARKER
+from ddpo_ray.records.checkpoint import BEST_INFO
+from ddpo_ray.records.run_dir import CHECKPOINTS_DIR, COMPLETE_MARKER, RunDirectory
 
 log = logging.getLogger(__name__)
 
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
 _PROBE = ".ddpo_ray_probe"
+_WRITTEN_LAST = (COMPLETE_MARKER, BEST_INFO)  # each says the other files of its directory are whole
+_REMOTE_CHECKPOINT = re.compile(rf"{CHECKPOINTS_DIR}/epoch_(\d{{4,}})/{COMPLETE_MARKER}")
+
+
+def _written_last(rel: str) -> bool:
+    return Path(rel).name in _WRITTEN_LAST
 
 
 class StorageError(OSError):
-    """The storage URI cannot be reached, written or read."""
+    """The storage URI cannot be reached, written or read, or holds another run."""
 
 
 def check_storage_uri(uri: str) -> str:
@@ -61,9 +72,30 @@ class RunStorage:
     def __repr__(self) -> str:
         return f"RunStorage({self.uri!r})"
 
-    def check(self) -> None:
+    def check(self, run_dir: RunDirectory | None = None, resuming: bool = False) -> None:
         """Write, read back and delete a probe file: run before the first epoch, so a storage that
-        cannot take the run fails now and not at the first checkpoint."""
+        cannot take the run fails now and not at the first checkpoint. With `run_dir`, also that
+        the mirror holds no other run: none at all for a new run, and for a resumed one no
+        checkpoint newer than the run directory's here (its first push would delete it)."""
+        self._probe()
+        if run_dir is None:
+            return
+        remote = [rel for rel in self._remote_files() if rel != _PROBE]
+        if remote and not resuming:
+            raise StorageError(
+                f"storage_uri: {self.uri} already holds a run named {Path(self.root).name!r} ({len(remote)} files); "
+                "pass resume_from=latest to continue it, or another run_name"
+            )
+        local = run_dir.list_checkpoints()
+        newest_there = max((int(m.group(1)) for rel in remote if (m := _REMOTE_CHECKPOINT.fullmatch(rel))), default=None)
+        if local and newest_there is not None and newest_there > local[-1][0]:
+            raise StorageError(
+                f"storage_uri: {self.uri} holds checkpoint epoch {newest_there}, newer than this run directory's "
+                f"newest (epoch {local[-1][0]}, {run_dir.root}): the run went on elsewhere; remove or move "
+                "the run directory here to resume from the mirror"
+            )
+
+    def _probe(self) -> None:
         path = f"{self.root}/{_PROBE}"
         try:
             self.fs.create_dir(self.root, recursive=True)
@@ -92,55 +124,59 @@ class RunStorage:
 
     def push(self, run_root: Path) -> int:
         """Mirror `run_root` here: upload what changed since the last push, delete what is gone
-        locally; the COMPLETE markers of changing directories deleted first, markers uploaded
-        last. Returns the files uploaded."""
-        local = {
-            path.relative_to(run_root).as_posix(): path
-            for path in sorted(Path(run_root).rglob("*")) if path.is_file()
-        }
+        locally; the markers (COMPLETE, best.json) of changing directories deleted first, and
+        uploaded after every other file. Returns the files uploaded. (A new process's first push
+        uploads every file once: it does not know what an earlier one sent.)"""
         remote = self._remote_files()
+        local: dict[str, tuple[Path, tuple[int, int]]] = {}
+        for path in sorted(Path(run_root).rglob("*")):
+            try:
+                if path.is_file():
+                    stat = path.stat()
+                    local[path.relative_to(run_root).as_posix()] = (path, (stat.st_size, stat.st_mtime_ns))
+            except FileNotFoundError:
+                continue  # deleted while we looked (a pruned checkpoint, a tracker's temporary file)
         gone = [rel for rel in remote if rel not in local and rel != _PROBE]
-        changed = []
-        for rel, path in local.items():
-            stat = path.stat()
-            if self._pushed.get(rel) != (stat.st_size, stat.st_mtime_ns) or rel not in remote:
-                changed.append(rel)
-        # A directory whose files change or go loses its marker there first: whole or ignored.
-        touched = {str(Path(rel).parent) for rel in changed + gone if Path(rel).name != COMPLETE_MARKER}
-        unmarked = [rel for rel in remote if Path(rel).name == COMPLETE_MARKER
-                    and (rel in gone or str(Path(rel).parent) in touched)]
+        changed = [rel for rel, (_, stamp) in local.items() if self._pushed.get(rel) != stamp or rel not in remote]
+        # A directory whose files change or go loses its markers there first (whole or ignored),
+        # and gets them back after its other files, whether or not a marker changed here.
+        touched = {parent for rel in changed + gone if not _written_last(rel) for parent in Path(rel).parents}
+        unmarked = [rel for rel in remote if _written_last(rel) and (rel in gone or Path(rel).parent in touched)]
+        changed += [rel for rel in unmarked if rel in local and rel not in changed]
+        uploaded = 0
         try:
             for rel in unmarked:
                 self.fs.delete_file(f"{self.root}/{rel}")
-            for rel in sorted(changed, key=lambda r: Path(r).name == COMPLETE_MARKER):  # markers last
-                self._upload(local[rel], rel)
+            for rel in sorted(changed, key=_written_last):  # markers last
+                path, stamp = local[rel]
+                try:
+                    self._upload(path, rel, stamp)
+                except FileNotFoundError:
+                    continue  # deleted since the listing: the next push deletes it there too
+                uploaded += 1
             for rel in gone:
                 if rel not in unmarked:
                     self.fs.delete_file(f"{self.root}/{rel}")
-        except StorageError:
-            raise
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"storage_uri: mirroring to {self.uri} failed: {type(exc).__name__}: {exc}") from None
-        log.debug("mirrored %s to %s: %d uploaded, %d deleted", run_root, self.uri, len(changed), len(gone))
-        return len(changed)
+        log.debug("mirrored %s to %s: %d uploaded, %d deleted", run_root, self.uri, uploaded, len(gone))
+        return uploaded
 
-    def _upload(self, path: Path, rel: str) -> None:
-        stat = path.stat()
+    def _upload(self, path: Path, rel: str, stamp: tuple[int, int]) -> None:
         target = f"{self.root}/{rel}"
-        parent = target.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        with self.fs.open_output_stream(target) as stream, open(path, "rb") as source:
+        self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+        with open(path, "rb") as source, self.fs.open_output_stream(target) as stream:
             while chunk := source.read(1 << 22):
                 stream.write(chunk)
-        self._pushed[rel] = (stat.st_size, stat.st_mtime_ns)
+        self._pushed[rel] = stamp
 
     def pull(self, run_root: Path) -> int:
         """Fetch every file of the mirror that `run_root` lacks (a resume on another node); returns
-        how many. Files already here are kept."""
+        how many. Files already here are kept; markers come last."""
         run_root = Path(run_root)
         fetched = 0
         try:
-            for rel in sorted(self._remote_files(), key=lambda r: Path(r).name == COMPLETE_MARKER):  # markers last
+            for rel in sorted(self._remote_files(), key=_written_last):
                 target = run_root / rel
                 if rel == _PROBE or target.exists():
                     continue
@@ -151,8 +187,6 @@ class RunStorage:
                         out.write(chunk)
                 partial.replace(target)
                 fetched += 1
-        except StorageError:
-            raise
         except Exception as exc:  # noqa: BLE001
             raise StorageError(f"storage_uri: fetching {self.uri} failed: {type(exc).__name__}: {exc}") from None
         return fetched

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -157,15 +156,25 @@ class EpochLoop:
     # --- the loop ---------------------------------------------------------------------------
 
     def run(self) -> list[dict[str, Any]]:
+        self._fetch_mirrored_run()  # before this session writes its config and log there
         with log_file(self.run_dir.log_path):  # everything this process logs, in the run directory
             return self._run()
+
+    def _fetch_mirrored_run(self) -> None:
+        """storage_uri: check the mirror agrees with the run directory here, and fetch the run for
+        `resume_from=latest` on a node without it (see ddpo_ray.records.storage)."""
+        if self.storage is None:
+            return
+        self.storage.check(self.run_dir, resuming=bool(self.cfg.resume_from))
+        if self.cfg.resume_from == "latest" and self.run_dir.latest_checkpoint() is None:
+            fetched = self.storage.pull(self.run_dir.root)
+            log.info("fetched %d files of the run from %s", fetched, self.storage.uri)
 
     def _run(self) -> list[dict[str, Any]]:
         cfg, run_dir = self.cfg, self.run_dir
         run_dir.write_config(cfg.to_dict())
         log.info("run directory: %s (log: %s)", run_dir.root, run_dir.log_path.name)
         if self.storage is not None:
-            self.storage.check()  # before anything runs: a storage that cannot take the run fails now
             log.info("mirrored to %s after every checkpoint and at the end", self.storage.uri)
         first_epoch, first_version, resume_path = self._resume()
         self.history = run_dir.read_metrics()
@@ -174,6 +183,7 @@ class EpochLoop:
 
         self.evals = EvalRecorder(cfg, run_dir, self.exported, first_version)
         pending: deque[_Pending] = deque()
+        failing = True  # until the loop ends normally: then a failed last mirror push is an error of its own
         # Every row and grid written from here on also goes to the config's trackers.
         run_dir.trackers = open_trackers(cfg.trackers, run_dir.root, cfg.to_dict(), first_epoch)
         try:
@@ -193,6 +203,7 @@ class EpochLoop:
                 scored = self.backend.sample(epoch, self.prompts.epoch_prompts(epoch, cfg.samples_per_epoch), version)
                 advantages = self.advantages(scored.prompts, scored.rewards)
                 self.backend.hand_to_training(scored, advantages)
+                scored.trajectories = None  # the backend's now: the loop keeps no reference to them
                 pending.append(_Pending(scored, advantages, copy.deepcopy(self.advantages.state_dict()), started))
                 while len(pending) > epochs_awaiting_training(cfg.cluster.staleness):
                     self._finish(pending.popleft())
@@ -202,19 +213,19 @@ class EpochLoop:
                 log.info(self.evals.stop_message())
                 self._checkpoint_on_stop()
             self.backend.finish()
+            failing = False
         finally:
             self.backend.close()
             run_dir.trackers.close()
             run_dir.trackers = None
-            self._mirror(at_end=True)
+            self._mirror(at_end=True, failing=failing)
         return self.history
 
-    def _mirror(self, at_end: bool = False) -> None:
+    def _mirror(self, at_end: bool = False, failing: bool = False) -> None:
         """Push the run directory to storage_uri. At the end of a run that is failing, a push that
         fails too is logged, so the run's own error is the one raised."""
         if self.storage is None:
             return
-        failing = sys.exc_info()[1] is not None
         try:
             uploaded = self.storage.push(self.run_dir.root)
             log.debug("pushed %d files to %s%s", uploaded, self.storage.uri, " (end of run)" if at_end else "")
@@ -227,9 +238,6 @@ class EpochLoop:
         """(first epoch, first policy version, checkpoint directory) of this run."""
         if not self.cfg.resume_from:
             return 0, 0, None
-        if self.cfg.resume_from == "latest" and self.storage is not None and self.run_dir.latest_checkpoint() is None:
-            fetched = self.storage.pull(self.run_dir.root)  # a resume on a node without the run directory
-            log.info("fetched %d files of the run from %s", fetched, self.storage.uri)
         path = resolve_resume_path(self.cfg.resume_from, self.run_dir)
         state = load_run_state(path, self.advantages)
         self._rng_state = state["torch_rng"]

@@ -162,8 +162,9 @@ def steps_with_signal(cfg: DDPOConfig) -> int | None:
     """How many of a trajectory's first steps can carry a nonzero advantage, when fewer than all:
     with branched sampling (`advantage.mode: tree`) the steps after the last branch get 0, so
     training skips them (a third to a half of its compute on `tiny`). None: every step can (and
-    always with a KL penalty, which acts at every step)."""
-    if cfg.advantage.mode != "tree" or cfg.train.kl_coef > 0:
+    always with a KL penalty, which acts at every step, and with train.timestep_fraction < 1,
+    whose random subset of steps the skip would bias towards the signal steps)."""
+    if cfg.advantage.mode != "tree" or cfg.train.kl_coef > 0 or cfg.num_train_timesteps != cfg.sample.num_steps:
         return None
     depth = tree_depth(cfg.sample.samples_per_prompt, cfg.sample.num_steps)
     return depth if depth < cfg.sample.num_steps else None
