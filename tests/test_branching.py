@@ -162,6 +162,8 @@ def test_steps_after_the_last_branch_are_skipped_with_the_gradient_they_would_gi
 
     assert steps_with_signal(build_config(overrides=SMALL)) == 3
     assert steps_with_signal(build_config(overrides=[*SMALL, "train.kl_coef=0.1"])) is None
+    # a random subset of steps trained: skipping would favour the signal steps, so none is skipped
+    assert steps_with_signal(build_config(overrides=[*SMALL, "train.timestep_fraction=0.5"])) is None
     assert steps_with_signal(build_config("tiny")) == 3  # of 5: the recipe computes 3 steps in 5
 
 
