@@ -140,8 +140,14 @@ class PendingRewards:
                 self._retries.errors.append(f"{call.reward_name}: {type(exc).__name__}")
                 call.send()
                 continue
-            except RayTaskError:
-                raise  # the replica raised (bad input: RewardInputError, a ValueError); not retried
+            except RayTaskError as exc:  # the replica raised: not retried (it would raise again)
+                self.cancel()
+                if isinstance(exc.cause, ValueError):
+                    raise  # bad input (RewardInputError, a ValueError): the caller's to fix, its type kept
+                raise RewardServiceError(
+                    f"reward {call.reward_name!r}: the replica raised while scoring images "
+                    f"{call.start}..{call.start + len(call.prompts) - 1}: {type(exc.cause).__name__}: {exc.cause}"
+                ) from exc
             except TimeoutError:  # no answer yet
                 if not raise_timeout:
                     return False

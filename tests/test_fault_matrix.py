@@ -385,3 +385,44 @@ def test_a_learner_worker_killed_in_a_run_without_checkpoints_stops_it_naming_wh
                         {"shard_epochs": [], "policy_versions": [1, 2], "checkpoint_epochs": []}], held
     assert isinstance(error, (LearnerError, RuntimeError)), error
     assert "EpochReleasedError" in str(error) and "save_freq > 0" in str(error), error
+
+
+def _raising_jpeg_app():
+    """A stand-in for `jpeg_incompressibility` whose replica raises on every request (injected:
+    what a replica whose model fails, say CUDA OOM, returns)."""
+    from ray import serve
+
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.5})
+    class RaisingJpeg:
+        async def score(self, images, prompts, metadata=None):
+            raise RuntimeError("injected: this replica's model failed")
+
+    return RaisingJpeg.bind()
+
+
+@pytest.mark.ray
+def test_a_reward_replica_that_raises_stops_the_epoch_with_an_error_naming_the_reward_and_batch(reward_apps):
+    """The replica is alive and answers with an error: not retried (it would fail again), and the
+    epoch stops at once with the sampler, the batch, the reward application and the cause."""
+    from ray import serve
+
+    from ddpo_ray.distributed.sampler_pool import SamplerPool
+    from ddpo_ray.distributed.weight_transport import INITIAL_POLICY
+    from reward_services.registry import build_reward_app
+    from tests.helpers import TEST_APP_ARGS
+
+    app = "jpeg_incompressibility"
+    serve.run(_raising_jpeg_app(), name=app, route_prefix=f"/{app}")
+    cfg = build_config(overrides=[*CFG, f"reward.name={app}", "cluster.num_samplers=1"])
+    pool = SamplerPool(cfg, name_prefix="fault-reward")
+    task = SampleTask(epoch=0, batch_index=0, prompts=("a red circle", "a blue square"))
+    try:
+        outcome = finishes(lambda: pool.sample_epoch([task], INITIAL_POLICY), "sample_epoch")
+    finally:
+        pool.shutdown()
+        serve.run(build_reward_app(app, TEST_APP_ARGS[app]), name=app, route_prefix=f"/{app}")
+    error = outcome.get("error")
+    assert isinstance(error, SamplingError), outcome
+    message = str(error)
+    assert "fault-reward-0, batch 0 of epoch 0" in message, message
+    assert "injected: this replica's model failed" in message and app in message, message
