@@ -72,6 +72,11 @@ class _Call:
         self.response = self.handle.score.remote(self.images, self.prompts, self.metadata)
         self.attempts += 1
 
+    @property
+    def span(self) -> str:
+        """Which images of the batch this chunk holds, for error messages."""
+        return f"images {self.start}..{self.start + len(self.prompts) - 1}"
+
 
 @dataclass
 class _Retries:
@@ -134,7 +139,7 @@ class PendingRewards:
                     self.cancel()
                     raise RewardServiceError(
                         f"reward {call.reward_name!r}: the replica died {call.attempts} times while scoring "
-                        f"images {call.start}..{call.start + len(call.prompts) - 1}; giving up: {exc}"
+                        f"{call.span}; giving up: {exc}"
                     ) from exc
                 self._retries.count += 1
                 self._retries.errors.append(f"{call.reward_name}: {type(exc).__name__}")
@@ -145,8 +150,8 @@ class PendingRewards:
                 if isinstance(exc.cause, ValueError):
                     raise  # bad input (RewardInputError, a ValueError): the caller's to fix, its type kept
                 raise RewardServiceError(
-                    f"reward {call.reward_name!r}: the replica raised while scoring images "
-                    f"{call.start}..{call.start + len(call.prompts) - 1}: {type(exc.cause).__name__}: {exc.cause}"
+                    f"reward {call.reward_name!r}: the replica raised while scoring {call.span}: "
+                    f"{type(exc.cause).__name__}: {exc.cause}"
                 ) from exc
             except TimeoutError:  # no answer yet
                 if not raise_timeout:
@@ -156,7 +161,7 @@ class PendingRewards:
                 spec = reward_app(call.reward_name)
                 raise RewardTimeoutError(
                     f"reward {call.reward_name!r} (Serve application {spec.app_name!r}, deployment "
-                    f"{spec.ingress!r}) did not answer images {call.start}..{call.start + len(call.prompts) - 1} "
+                    f"{spec.ingress!r}) did not answer {call.span} "
                     f"in time (attempt {call.attempts}); check `serve status` for unhealthy or pending replicas"
                 ) from None
             call.answer = self._checked(call, answer)

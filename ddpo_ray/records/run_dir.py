@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
 COMPLETE_MARKER = "COMPLETE"
 
-_CHECKPOINT_NAME = re.compile(r"epoch_(\d{4,})")
+CHECKPOINT_NAME = re.compile(r"epoch_(\d{4,})")  # checkpoints/epoch_NNNN; group 1 is the epoch
 
 
 class RunDirectoryExistsError(FileExistsError):
@@ -252,7 +252,7 @@ class RunDirectory:
         """
         found = []
         for entry in self.checkpoints_dir.iterdir():
-            match = _CHECKPOINT_NAME.fullmatch(entry.name)
+            match = CHECKPOINT_NAME.fullmatch(entry.name)
             if match and entry.is_dir() and (entry / COMPLETE_MARKER).is_file():
                 found.append((int(match.group(1)), entry))
         return sorted(found)

@@ -26,14 +26,14 @@ import re
 from pathlib import Path
 
 from ddpo_ray.records.checkpoint import BEST_INFO
-from ddpo_ray.records.run_dir import CHECKPOINTS_DIR, COMPLETE_MARKER, RunDirectory
+from ddpo_ray.records.run_dir import CHECKPOINT_NAME, CHECKPOINTS_DIR, COMPLETE_MARKER, RunDirectory
 
 log = logging.getLogger(__name__)
 
 STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
 _PROBE = ".ddpo_ray_probe"
 _WRITTEN_LAST = (COMPLETE_MARKER, BEST_INFO)  # each says the other files of its directory are whole
-_REMOTE_CHECKPOINT = re.compile(rf"{CHECKPOINTS_DIR}/epoch_(\d{{4,}})/{COMPLETE_MARKER}")
+_REMOTE_CHECKPOINT = re.compile(rf"{CHECKPOINTS_DIR}/{CHECKPOINT_NAME.pattern}/{COMPLETE_MARKER}")
 
 
 def _written_last(rel: str) -> bool:

@@ -218,19 +218,19 @@ class EpochLoop:
             self.backend.close()
             run_dir.trackers.close()
             run_dir.trackers = None
-            self._mirror(at_end=True, failing=failing)
+            self._mirror(end_of_failing_run=failing)
         return self.history
 
-    def _mirror(self, at_end: bool = False, failing: bool = False) -> None:
+    def _mirror(self, end_of_failing_run: bool = False) -> None:
         """Push the run directory to storage_uri. At the end of a run that is failing, a push that
         fails too is logged, so the run's own error is the one raised."""
         if self.storage is None:
             return
         try:
             uploaded = self.storage.push(self.run_dir.root)
-            log.debug("pushed %d files to %s%s", uploaded, self.storage.uri, " (end of run)" if at_end else "")
+            log.debug("pushed %d files to %s", uploaded, self.storage.uri)
         except StorageError as exc:
-            if not (at_end and failing):
+            if not end_of_failing_run:
                 raise
             log.error("%s", exc)
 
