@@ -208,3 +208,42 @@ def test_train_epoch_with_score_scale_weights_keeps_ratio_one_before_the_update(
         grads[weighting] = captured[0]
     # Same samples, same shuffle: the weighting alone changes the gradient.
     assert not torch.allclose(grads["uniform"], grads["score_scale"])
+
+
+def test_micro_batches_give_the_minibatchs_gradient_and_statistics_with_smaller_forwards(tiny_pipe):
+    """`train.micro_batch_size` bounds the samples per UNet call (memory): the minibatch of 5 in
+    micro-batches of 2 (2 + 2 + 1, an uneven last one) gives the gradient and the statistics of
+    computing it at once, with the KL penalty and per-step weights on."""
+    params = add_lora(tiny_pipe.unet, rank=4)
+    randomize_lora(tiny_pipe.unet)
+    traj = sample_trajectories(
+        tiny_pipe, ["a cat", "a dog", "a cow", "a fox", "a hen"], num_steps=3, guidance_scale=1.0, eta=1.0,
+        resolution=64, generator=torch.Generator().manual_seed(0),
+    )
+    advantages = torch.tensor([[1.0, 0.5, -0.2], [-1.0, 0.3, 0.1], [0.4, -0.6, 2.0], [0.0, 1.2, -1.5], [0.8, 0.2, 0.3]])
+    batch_sizes = []
+    hook = tiny_pipe.unet.register_forward_hook(lambda module, args, out: batch_sizes.append(args[0].shape[0]))
+
+    def gradient(micro_batch_size: int | None) -> tuple[torch.Tensor, dict]:
+        train = TrainConfig(batch_size=5, learning_rate=1e-9, step_weighting="score_scale", kl_coef=0.1,
+                            micro_batch_size=micro_batch_size)
+        optimizer = make_optimizer(params, train)
+        captured = []
+        optimizer.step = lambda *a, **k: captured.append(torch.cat([p.grad.flatten().clone() for p in params]))
+        batch_sizes.clear()
+        metrics = train_epoch(tiny_pipe.unet, tiny_pipe.scheduler, optimizer, params, traj, advantages, train,
+                              guidance_scale=1.0, eta=1.0, generator=torch.Generator().manual_seed(0))
+        return captured[0], {**metrics, "largest_forward": max(batch_sizes)}
+
+    try:
+        whole, whole_metrics = gradient(None)
+        chunked, chunked_metrics = gradient(2)
+    finally:
+        hook.remove()
+    assert (whole_metrics["largest_forward"], chunked_metrics["largest_forward"]) == (5, 2)
+    assert whole.abs().sum() > 0
+    assert ((chunked - whole).norm() / whole.norm()).item() < 1e-5
+    for key in ("loss", "approx_kl", "kl_ref", "ratio_mean", "ratio_max_dev", "optimizer_steps"):
+        assert chunked_metrics[key] == pytest.approx(whole_metrics[key], rel=1e-5, abs=1e-6), key
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        build_config(overrides=["train.micro_batch_size=0"])

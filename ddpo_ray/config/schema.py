@@ -113,6 +113,11 @@ class TrainConfig(_Section):
     adam_epsilon: float = Field(1e-8, gt=0.0)
     batch_size: int = Field(8, ge=1, description="samples per minibatch, per learner worker")
     gradient_accumulation_steps: int = Field(1, ge=1, description="minibatches per optimizer step")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="at most this many samples per UNet forward and backward: a larger "
+        "minibatch is computed in chunks whose gradients add up to the minibatch's (memory, not maths: "
+        "the same update up to float rounding); None: the whole minibatch at once",
+    )
     num_inner_epochs: int = Field(1, ge=1)
     cfg: bool = Field(True, description="recompute log-probs with the same CFG as sampling")
     clip_range: float = Field(1e-4, gt=0.0)

@@ -248,6 +248,57 @@ def recompute_log_probs(
     return out
 
 
+def micro_batches(rows: slice, micro_batch_size: int | None) -> list[slice]:
+    """`rows` (one minibatch) cut into consecutive slices of at most `micro_batch_size` rows."""
+    if micro_batch_size is None:
+        return [rows]
+    return [slice(start, min(start + micro_batch_size, rows.stop))
+            for start in range(rows.start, rows.stop, micro_batch_size)]
+
+
+def _step_loss(
+    unet: torch.nn.Module,
+    scheduler: DDIMScheduler,
+    trajectories: Trajectories,
+    advantages: torch.Tensor,
+    all_weights: torch.Tensor | None,
+    rows: slice,
+    j: int,
+    train: TrainConfig,
+    *,
+    guidance_scale: float,
+    eta: float,
+    compute_dtype: torch.dtype,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PPO (or score-function) loss of denoising step j over `rows`, plus the KL penalty."""
+    step_inputs = (
+        trajectories.latents[rows, j], trajectories.timesteps[rows, j],
+        trajectories.prompt_embeds[rows], trajectories.negative_prompt_embeds[rows],
+    )
+    step_options = {"guidance_scale": guidance_scale, "eta": eta, "compute_dtype": compute_dtype}
+    if train.kl_coef > 0:
+        # Before the policy's forward: switching the adapter off between a (DDP) forward and its
+        # backward would change which parameters require grad in between.
+        with torch.no_grad(), reference_policy(unet) as reference:
+            reference_mean, _ = policy_step_mean(reference, scheduler, *step_inputs, **step_options)
+    mean, std = policy_step_mean(unet, scheduler, *step_inputs, **step_options)
+    log_prob = gaussian_log_prob(trajectories.next_latents[rows, j], mean, std)
+    old_log_prob = trajectories.log_probs[rows, j]
+    weights = None if all_weights is None else all_weights[rows, j]
+    row_adv = advantages[rows].to(log_prob.device, torch.float32)  # (b,) per sample or (b, T) per step
+    step_adv = row_adv[:, j] if row_adv.ndim == 2 else row_adv
+    if train.algorithm == "ddpo_sf":
+        loss, stats = score_function_loss(log_prob, old_log_prob, step_adv, train.adv_clip_max, weights)
+    else:
+        loss, stats = ppo_loss(log_prob, old_log_prob, step_adv, train.clip_range, train.adv_clip_max, weights)
+    if train.kl_coef > 0:
+        kl = step_kl(mean, reference_mean, std).mean()
+        loss = loss + train.kl_coef * kl
+        stats["kl_ref"] = kl.detach()
+        stats["loss"] = loss.detach()
+    return loss, stats
+
+
 def train_epoch(
     unet: torch.nn.Module,
     scheduler: DDIMScheduler,
@@ -282,6 +333,10 @@ def train_epoch(
     every trained step), so the gradient is the one computing them would give; the statistics
     (loss, approx_kl, clipfrac, the ratios) are then over the computed steps only. Meant for
     `timestep_fraction` 1: with fewer trained steps it would favour the signal steps.
+
+    `train.micro_batch_size` bounds the samples per forward and backward (activation memory): each
+    minibatch's steps are computed over its micro-batches, each loss weighted by its share of the
+    minibatch, so the gradient and the statistics are the minibatch's.
     """
     if compute_dtype == torch.float16 and grad_scaler is None:
         raise ValueError(
@@ -326,47 +381,30 @@ def train_epoch(
     count = 0
     for m in range(num_minibatches):
         rows = slice(m * train.batch_size, (m + 1) * train.batch_size)
-        mb_adv = shuffled_adv[rows].to(device, torch.float32)  # (b,) per sample or (b, T) per step
         update_after_minibatch = m % train.gradient_accumulation_steps == train.gradient_accumulation_steps - 1
+        chunks = micro_batches(rows, train.micro_batch_size)
         for j in range(computed_timesteps):
-            step_inputs = (
-                shuffled.latents[rows, j], shuffled.timesteps[rows, j],
-                shuffled.prompt_embeds[rows], shuffled.negative_prompt_embeds[rows],
-            )
-            step_options = {"guidance_scale": guidance_scale, "eta": eta, "compute_dtype": compute_dtype}
-            last_backward = update_after_minibatch and j == computed_timesteps - 1
-            with contextlib.nullcontext() if last_backward else no_sync():
-                if train.kl_coef > 0:
-                    # Before the policy's forward: switching the adapter off between a (DDP) forward
-                    # and its backward would change which parameters require grad in between.
-                    with torch.no_grad(), reference_policy(unet) as reference:
-                        reference_mean, _ = policy_step_mean(reference, scheduler, *step_inputs, **step_options)
-                mean, std = policy_step_mean(unet, scheduler, *step_inputs, **step_options)
-                log_prob = gaussian_log_prob(shuffled.next_latents[rows, j], mean, std)
-                old_log_prob = shuffled.log_probs[rows, j]
-                weights = None if all_weights is None else all_weights[rows, j]
-                step_adv = mb_adv[:, j] if mb_adv.ndim == 2 else mb_adv
-                if train.algorithm == "ddpo_sf":
-                    loss, stats = score_function_loss(log_prob, old_log_prob, step_adv, train.adv_clip_max, weights)
-                else:
-                    loss, stats = ppo_loss(log_prob, old_log_prob, step_adv, train.clip_range, train.adv_clip_max,
-                                           weights)
-                if train.kl_coef > 0:
-                    kl = step_kl(mean, reference_mean, std).mean()
-                    loss = loss + train.kl_coef * kl
-                    stats["kl_ref"] = kl.detach()
-                    stats["loss"] = loss.detach()
-                scaled = loss / backwards_per_step
-                if grad_scaler is not None:
-                    scaled = grad_scaler.scale(scaled)
-                scaled.backward()
-            for key, value in stats.items():
-                if key == "ratio_max_dev":
-                    ratio_max_dev = torch.maximum(ratio_max_dev, value)
-                    if not grad_norms:
-                        ratio_dev_before_update = torch.maximum(ratio_dev_before_update, value)
-                else:
-                    totals[key] = totals[key] + value if key in totals else value
+            for c, chunk in enumerate(chunks):
+                # A chunk's share of the minibatch: its mean loss and statistics, so weighted, add
+                # up to the minibatch's (one chunk: share 1, the arithmetic of no chunking).
+                share = (chunk.stop - chunk.start) / train.batch_size
+                last_backward = update_after_minibatch and j == computed_timesteps - 1 and c == len(chunks) - 1
+                with contextlib.nullcontext() if last_backward else no_sync():
+                    loss, stats = _step_loss(
+                        unet, scheduler, shuffled, shuffled_adv, all_weights, chunk, j, train,
+                        guidance_scale=guidance_scale, eta=eta, compute_dtype=compute_dtype,
+                    )
+                    scaled = loss * share / backwards_per_step
+                    if grad_scaler is not None:
+                        scaled = grad_scaler.scale(scaled)
+                    scaled.backward()
+                for key, value in stats.items():
+                    if key == "ratio_max_dev":
+                        ratio_max_dev = torch.maximum(ratio_max_dev, value)
+                        if not grad_norms:
+                            ratio_dev_before_update = torch.maximum(ratio_dev_before_update, value)
+                    else:
+                        totals[key] = totals[key] + value * share if key in totals else value * share
             count += 1
         if update_after_minibatch:
             if grad_scaler is not None:
