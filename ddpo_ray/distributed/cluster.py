@@ -19,7 +19,13 @@ _LOCAL_SERVICE_CPUS = 4
 # 5 s, three times in a row: on 2 loaded cores a new proxy process takes longer than that to
 # import (seen: serve.start failing with the proxy "killed by ray.kill" while two trainings ran).
 # A cluster started here inherits this process's environment, so it gets a patient check.
-LOCAL_CLUSTER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+#
+# Ray Train V2 starts a preemption watcher actor (~110 MB) with every run; it polls for nodes
+# being drained, which a one-machine local cluster never does.
+LOCAL_CLUSTER_ENV = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
 
 
 def set_local_cluster_env() -> None:
