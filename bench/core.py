@@ -96,7 +96,7 @@ def main() -> int:
 
     pipe = load_pipeline(cfg.model, device)
     params = trainable_parameters(pipe.unet, cfg.model.use_lora, cfg.model.lora_rank)
-    prompts = list(SIMPLE_ANIMALS[: args.batch])
+    prompts = [SIMPLE_ANIMALS[i % len(SIMPLE_ANIMALS)] for i in range(args.batch)]  # --batch may exceed 45
     results: dict = {"device": str(device), "preset": cfg.preset, "dtype": str(dtype), "batch": args.batch,
                      "steps": args.steps, "resolution": cfg.sample.resolution}
 
