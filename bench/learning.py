@@ -12,6 +12,7 @@ task) and, for the first seed, the eval grids at the start, the best version and
 
     python bench/learning.py                                  # 4 tasks x 5 seeds, ~1 hour on 2 cores
     python bench/learning.py --tasks tiny_aesthetic --seeds 0 1 train.learning_rate=3e-3
+    python bench/learning.py --tasks tiny_alignment --no-signal     # the drift baseline
 """
 
 from __future__ import annotations
@@ -23,19 +24,46 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
-from ddpo_ray.config import build_config
+from ddpo_ray.config import DDPOConfig, build_config
 from ddpo_ray.records.run_dir import RunDirectory
 from ddpo_ray.training.evaluation import EvalSet
 from ddpo_ray.training.learning_gain import LearningGain
+from ddpo_ray.training.local_loop import TrainingRewards
 from ddpo_ray.training.local_loop import run_local as run_local_loop
+from reward_services.functions import compute_rewards
 
 TASKS = ("tiny_compressibility", "tiny_incompressibility", "tiny_aesthetic", "tiny_alignment")
 
 
-def run_seed(preset: str, seed: int, epochs: int | None, out: Path, overrides: list[str]) -> dict:
+def rewards_without_signal(cfg: DDPOConfig, seed: int) -> TrainingRewards:
+    """The config's rewards, each prompt's group of samples given its rewards in a random order.
+
+    Every prompt keeps its reward distribution, but no sample's reward says anything about how
+    it was drawn: what a run trained on these does is the recipe's drift alone, the baseline
+    against which a reward's signal shows (`--no-signal`).
+    """
+    rng = np.random.default_rng([seed, 0x5EED])
+    k = cfg.sample.samples_per_prompt
+
+    def shuffled(images: np.ndarray, prompts: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
+        rewards, info = compute_rewards(cfg.reward.components(), images, prompts)
+        order = np.concatenate([start + rng.permutation(min(k, len(rewards) - start))
+                                for start in range(0, len(rewards), k)])
+        if any(len(set(prompts[start:start + k])) != 1 for start in range(0, len(prompts), k)):
+            raise ValueError(f"--no-signal shuffles within groups of sample.samples_per_prompt={k}, "
+                             "but a group holds several prompts")
+        return rewards[order], {name: np.asarray(values)[order] for name, values in info.items()}
+
+    return shuffled
+
+
+def run_seed(preset: str, seed: int, epochs: int | None, out: Path, overrides: list[str],
+             no_signal: bool = False) -> dict:
     """One run; its held-out record overall, per group and for each extra eval reward."""
     name = f"{preset}-seed{seed}"
     cfg = build_config(preset, overrides=[
@@ -43,7 +71,7 @@ def run_seed(preset: str, seed: int, epochs: int | None, out: Path, overrides: l
         f"output_dir={out}", f"run_name={name}", *([f"num_epochs={epochs}"] if epochs else []), *overrides,
     ])
     start = time.perf_counter()
-    history = run_local_loop(cfg)
+    history = run_local_loop(cfg, training_rewards=rewards_without_signal(cfg, seed) if no_signal else None)
     seconds = time.perf_counter() - start
     run_dir = RunDirectory(out / name)
     evals = run_dir.read_evals()
@@ -122,6 +150,8 @@ def main() -> int:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out-dir", default="bench/results/learning")
+    parser.add_argument("--no-signal", action="store_true",
+                        help="train on each prompt's rewards in a random order: the recipe's drift alone")
     parser.add_argument("overrides", nargs="*", help="extra config overrides for every run")
     args = parser.parse_args()
     if args.threads:
@@ -134,7 +164,7 @@ def main() -> int:
         for preset in args.tasks:
             results[preset] = []
             for seed in args.seeds:
-                run = run_seed(preset, seed, args.epochs, Path(tmp), args.overrides)
+                run = run_seed(preset, seed, args.epochs, Path(tmp), args.overrides, args.no_signal)
                 h = run["held_out"]
                 print(f"{preset} seed {seed}: held-out {h['base']:+.4f} -> best {h['best']:+.4f} "
                       f"(v{h['best_version']}) -> end {h['final']:+.4f}; gain@end {h['gain_final']:+.2f} "
@@ -148,7 +178,9 @@ def main() -> int:
                 run.pop("run_dir")
     png = out_dir / "learning.png"
     plot(results, png)
-    (out_dir / "learning.json").write_text(json.dumps({"overrides": args.overrides, "results": results}, indent=1))
+    (out_dir / "learning.json").write_text(
+        json.dumps({"overrides": args.overrides, "no_signal": args.no_signal, "results": results}, indent=1)
+    )
     print(f"wrote {png}, {out_dir / 'learning.json'} and the first seed's eval grids")
     return 0
 

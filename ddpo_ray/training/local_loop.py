@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,12 +30,19 @@ from ddpo_ray.training.steps import epoch_batches, make_trainer_state, sample_ba
 from reward_services.functions import compute_rewards
 from reward_services.metrics import ServiceMetrics
 
+# (images (N, H, W, 3) uint8, prompts) -> (rewards (N,), info per reward component)
+TrainingRewards = Callable[[np.ndarray, Sequence[str]], tuple[np.ndarray, dict[str, Any]]]
+
 
 class LocalBackend:
     """The policy (frozen pipeline + LoRA), its optimizer and the rewards, all in this process."""
 
-    def __init__(self, cfg: DDPOConfig, device: str | torch.device = "cpu"):
+    def __init__(self, cfg: DDPOConfig, device: str | torch.device = "cpu",
+                 training_rewards: TrainingRewards | None = None):
         self.cfg, self.device = cfg, device
+        self.training_rewards = training_rewards or (
+            lambda images, prompts: compute_rewards(cfg.reward.components(), images, prompts)
+        )
         self.policy_version = 0
         self._to_train: dict[int, tuple[Trajectories, np.ndarray]] = {}
         self.counter = PhaseCounter()
@@ -82,7 +89,7 @@ class LocalBackend:
         images = trajectories.images.numpy()
         with self.reward_metrics.request() as request:
             request["images"] = len(trajectories)
-            rewards, components = compute_rewards(self.cfg.reward.components(), images, trajectories.prompts)
+            rewards, components = self.training_rewards(images, trajectories.prompts)
         return ScoredEpoch(
             epoch=epoch, sampled_with_version=policy_version, prompts=list(trajectories.prompts),
             rewards=rewards, components=components, images=images,
@@ -136,6 +143,12 @@ class LocalBackend:
         self._to_train.clear()
 
 
-def run_local(cfg: DDPOConfig, device: str | torch.device = "cpu") -> list[dict[str, Any]]:
-    """Train for cfg.num_epochs epochs in this process; returns the per-epoch metrics."""
-    return EpochLoop(cfg, LocalBackend(cfg, device), exporter="prometheus").run()
+def run_local(
+    cfg: DDPOConfig, device: str | torch.device = "cpu", training_rewards: TrainingRewards | None = None
+) -> list[dict[str, Any]]:
+    """Train for cfg.num_epochs epochs in this process; returns the per-epoch metrics.
+
+    `training_rewards` replaces the rewards the epochs are trained on (evaluation still scores
+    the config's): for controls such as `bench/learning.py --no-signal`.
+    """
+    return EpochLoop(cfg, LocalBackend(cfg, device, training_rewards), exporter="prometheus").run()
