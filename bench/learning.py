@@ -51,12 +51,12 @@ def rewards_without_signal(cfg: DDPOConfig, seed: int) -> TrainingRewards:
     k = cfg.sample.samples_per_prompt
 
     def shuffled(images: np.ndarray, prompts: Sequence[str]) -> tuple[np.ndarray, dict[str, Any]]:
-        rewards, info = compute_rewards(cfg.reward.components(), images, prompts)
-        order = np.concatenate([start + rng.permutation(min(k, len(rewards) - start))
-                                for start in range(0, len(rewards), k)])
         if any(len(set(prompts[start:start + k])) != 1 for start in range(0, len(prompts), k)):
             raise ValueError(f"--no-signal shuffles within groups of sample.samples_per_prompt={k}, "
                              "but a group holds several prompts")
+        rewards, info = compute_rewards(cfg.reward.components(), images, prompts)
+        order = np.concatenate([start + rng.permutation(min(k, len(rewards) - start))
+                                for start in range(0, len(rewards), k)])
         return rewards[order], {name: np.asarray(values)[order] for name, values in info.items()}
 
     return shuffled
