@@ -285,7 +285,7 @@ def _step_loss(
     log_prob = gaussian_log_prob(trajectories.next_latents[rows, j], mean, std)
     old_log_prob = trajectories.log_probs[rows, j]
     weights = None if all_weights is None else all_weights[rows, j]
-    row_adv = advantages[rows].to(log_prob.device, torch.float32)  # (b,) per sample or (b, T) per step
+    row_adv = advantages[rows]  # (b,) per sample or (b, T) per step
     step_adv = row_adv[:, j] if row_adv.ndim == 2 else row_adv
     if train.algorithm == "ddpo_sf":
         loss, stats = score_function_loss(log_prob, old_log_prob, step_adv, train.adv_clip_max, weights)
@@ -366,6 +366,7 @@ def train_epoch(
     device = trajectories.latents.device
     scheduler.set_timesteps(steps, device=device)
     shuffled, shuffled_adv = shuffle_for_training(trajectories, advantages, generator, steps_with_signal)
+    shuffled_adv = shuffled_adv.to(device, torch.float32)  # once, not per step and micro-batch
     # Every (sample, step)'s loss weight at once: they depend on the schedule alone.
     flat_weights = step_weights(scheduler, shuffled.timesteps.flatten(), train, eta)
     all_weights = None if flat_weights is None else flat_weights.reshape(shuffled.timesteps.shape)
