@@ -28,8 +28,10 @@ and diffusers `Attention` module (2 FLOPs per multiply-accumulate, biases, norms
 ops left out): Linear = output elements x in_features; Conv2d = output elements x in_channels /
 groups x kernel area; Attention = Q K^T plus A V = 2 x batch x query tokens x key tokens x inner
 dim. The text encoder's Linear layers are counted (its own 77x77 attention matmuls are not, <1%).
-  sampling per image = (text encoder for prompt and empty prompt + steps x one CFG UNet forward of
-           2 x batch rows + VAE decode) / batch, counted on the warm-up batch as it ran;
+  sampling per image = (steps x one CFG UNet forward of 2 x batch rows + VAE decode) / batch,
+           counted on the warm-up batch as it ran. The text encoder is left out: a sampler encodes
+           each distinct prompt once (`ddpo_ray.models.prompt_embeddings`), so the timed batches,
+           which repeat the warm-up's prompts, encode none; its count per new prompt is reported;
   training per pair = forward with CFG (train.cfg) x (1 + backward/forward) + the recompute's
            no-grad forward (bf16). The backward is not assumed 2x the forward: the base UNet is
            frozen, so autograd computes input gradients but no weight gradients outside the LoRA
@@ -324,7 +326,7 @@ def run(args) -> dict:
     sampling_s = time.perf_counter() - start
     sampling_peak = memory.peak_above_start()
     images_per_s = batch * num_batches / sampling_s
-    flops_image = counted.flops() / batch
+    flops_image = (counted.flops("unet") + counted.flops("vae")) / batch  # the timed batches encode no text
     print(f"sampling: {batch * num_batches} images in {sampling_s:.1f} s", flush=True)
 
     # --- training
@@ -398,7 +400,7 @@ def run(args) -> dict:
         "sampling_per_image": flops_image,
         "sampling_unet_per_image": counted.flops("unet") / batch,
         "sampling_vae_per_image": counted.flops("vae") / batch,
-        "sampling_text_per_image": counted.flops("text_encoder") / batch,
+        "text_per_new_prompt": counted.flops("text_encoder") / (len(set(prompts)) + 1),  # + the empty prompt
         "unet_cfg_forward_sampling_batch": one.flops(),  # one CFG UNet call at the sampling batch
         "unet_cfg_forward_train_minibatch": train_forward.flops(),  # one at the training minibatch, with grad
         "train_forward_per_pair": forward_pair,
@@ -437,7 +439,7 @@ def table_rows(results: dict) -> list[tuple[str, str, str]]:
     recompute = " + recompute" if results["recompute_old_log_probs"] else ""
     return [
         ("sampler throughput", value(m["sampler_images_per_s"], ".3g"), "images/s"),
-        ("sampling FLOPs per image (text + UNet + VAE)", value(f["sampling_per_image"] / 1e12, ".4g"), "TFLOP"),
+        ("sampling FLOPs per image (UNet + VAE)", value(f["sampling_per_image"] / 1e12, ".4g"), "TFLOP"),
         ("  of which UNet / VAE decode", f"{f['sampling_unet_per_image'] / 1e12:.4g} / "
          f"{f['sampling_vae_per_image'] / 1e12:.4g}", "TFLOP"),
         ("sampler achieved", value(m["sampler_tflops"], ".3g"), "TFLOP/s"),

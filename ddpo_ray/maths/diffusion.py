@@ -16,6 +16,8 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
+from ddpo_ray.models.prompt_embeddings import encode_prompts
+
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
 
 
@@ -271,19 +273,6 @@ def predict_noise(
             eps_uncond, eps_cond = both.float().chunk(2)
             return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         return unet(latents, timesteps, encoder_hidden_states=prompt_embeds).sample.float()
-
-
-@torch.no_grad()
-def encode_prompts(pipe: StableDiffusionPipeline, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds, negative_prompt_embeds), both (B, L, D); the negative is the empty prompt."""
-    prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(
-        list(prompts),
-        device=pipe.unet.device,
-        num_images_per_prompt=1,
-        do_classifier_free_guidance=True,
-        negative_prompt=[""] * len(prompts),
-    )
-    return prompt_embeds, negative_prompt_embeds
 
 
 @torch.no_grad()
