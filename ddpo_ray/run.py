@@ -14,8 +14,10 @@ are); run the epochs (`ddpo_ray.distributed.driver`); shut down only what this r
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Sequence
 
 from ddpo_ray.config import add_config_arguments
@@ -45,11 +47,19 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.run"
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    # The training stack (torch, diffusers, transformers, peft) takes ~3.7 s to import; a thread
+    # imports it while this one starts (or connects to) Ray and deploys the rewards, which mostly
+    # waits on other processes (Ray keeps its signal handling on the main thread).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="import") as importer:
+        driver_module = importer.submit(importlib.import_module, "ddpo_ray.distributed.driver")
+        return _run_on_ray(args, cfg, run_root, driver_module)
+
+
+def _run_on_ray(args: argparse.Namespace, cfg, run_root, driver_module: Future) -> int:
     import ray
     from ray import serve
 
     from ddpo_ray.distributed.cluster import connect
-    from ddpo_ray.distributed.driver import run_distributed
     from ddpo_ray.records.console import format_summary
     from ddpo_ray.records.run_dir import RunDirectory
     from reward_services.client import RewardServiceError, ensure_reward_apps, shutdown_reward_apps
@@ -71,7 +81,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.run"
             return 2
         if started_apps:
             log.info("deployed reward applications: %s", ", ".join(started_apps))
-        history = run_distributed(cfg)
+        history = driver_module.result().run_distributed(cfg)
         run_dir = RunDirectory(run_root)
         print(format_summary(history, run_dir.read_evals(), str(run_dir.root)), flush=True)
     finally:
