@@ -290,6 +290,25 @@ def _weights(version: int) -> PolicyWeights:
     return PolicyWeights(version=version, num_bytes=0, payload=None)
 
 
+def test_the_exchange_never_imports_torch():
+    """What the exchange actor loads and unpickles (its module, a policy version, an epoch shard,
+    a learner state as bytes) pulls in no torch: a process that imports torch holds ~0.2 GB."""
+    import pickle
+    import subprocess
+    import sys
+
+    from ddpo_ray.maths.sharding import EpochShard
+    from ddpo_ray.records.checkpoint import state_bytes
+
+    held = pickle.dumps([PolicyWeights(version=3, num_bytes=12, payload=("a ref",)),
+                         EpochShard(epoch=0, parts=[], advantages=np.zeros(4, dtype=np.float32)),
+                         state_bytes({"weights": {"w": torch.ones(2)}})])
+    child = ("import pickle, sys; import ddpo_ray.distributed.exchange; "
+             "pickle.loads(sys.stdin.buffer.read()); print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", child], input=held, capture_output=True, check=True)
+    assert out.stdout.decode().strip() == "[]"
+
+
 def test_without_checkpoints_the_exchange_holds_one_epoch_in_flight_not_every_epoch(serve_instance):
     """save_freq=0 (issue 15, item 8): the shards held every epoch's trajectories in the object
     store until the run ended (~1.8 GB per epoch at SD1.5 size). Now each epoch goes once trained,
@@ -324,13 +343,13 @@ def test_with_checkpoints_the_exchange_keeps_shards_until_a_checkpoint_covers_th
             ray.get(exchange.put_policy.remote(_weights(epoch + 1), {}))
         assert ray.get(exchange.held.remote()) == {"shard_epochs": [0, 1, 2, 3], "policy_versions": [2, 3, 4],
                                                    "checkpoint_epochs": []}
-        ray.get(exchange.put_checkpoint.remote(1, {"state": 1}))
-        ray.get(exchange.put_checkpoint.remote(2, {"state": 2}))  # before the driver took epoch 1's
+        ray.get(exchange.put_checkpoint.remote(1, b"state 1"))
+        ray.get(exchange.put_checkpoint.remote(2, b"state 2"))  # before the driver took epoch 1's
         assert ray.get(exchange.held.remote()) == {"shard_epochs": [3], "policy_versions": [2, 3, 4],
                                                    "checkpoint_epochs": [1, 2]}
-        assert ray.get(exchange.get_checkpoint.remote(1)) == {"state": 1}
-        assert ray.get(exchange.get_checkpoint.remote(2)) == {"state": 2}
-        assert ray.get(exchange.latest_checkpoint.remote()) == (2, {"state": 2})  # the restart point stays
+        assert ray.get(exchange.get_checkpoint.remote(1)) == b"state 1"
+        assert ray.get(exchange.get_checkpoint.remote(2)) == b"state 2"
+        assert ray.get(exchange.latest_checkpoint.remote()) == (2, b"state 2")  # the restart point stays
         assert ray.get(exchange.held.remote())["checkpoint_epochs"] == [2]
         assert ray.get(exchange.get_shard.remote(3, 0)).epoch == 3
     finally:

@@ -320,6 +320,23 @@ def test_a_checkpoint_loads_with_weights_only(tiny_checkpoint):
     assert not [p.name for p in directory.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_a_state_as_bytes_round_trips_and_a_crafted_one_is_refused(tmp_path):
+    """The learner hands its state to the driver as the bytes of its .pt file (through the
+    epoch exchange); reading them back is as strict as reading the file."""
+    from ddpo_ray.records.checkpoint import state_bytes, state_from_bytes
+
+    state = {"use_lora": True, "weights": {"a.lora_A.weight": torch.randn(4, 2)},
+             "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.01}]}}
+    back = state_from_bytes(state_bytes(state), "the learner's checkpoint of epoch 1")
+    assert back["use_lora"] is True and back["optimizer"]["param_groups"] == [{"lr": 0.01}]
+    assert torch.equal(back["weights"]["a.lora_A.weight"], state["weights"]["a.lora_A.weight"])
+    marker = tmp_path / "code-ran"
+    crafted = state_bytes({"weights": _Payload(marker)})
+    with pytest.raises(ValueError, match="the learner's checkpoint of epoch 1: refused to load"):
+        state_from_bytes(crafted, "the learner's checkpoint of epoch 1")
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("state_file", ["learner_state.pt", "run_state.pt"])
 def test_a_crafted_pickle_in_a_checkpoint_is_refused_and_runs_nothing(tiny_checkpoint, tmp_path, state_file):
     from ddpo_ray.maths.advantages import AdvantageEstimator

@@ -6,8 +6,10 @@ shard per learner worker) and every learner worker pulls its own; learner rank 0
 policy version (a `PolicyWeights`, one object-store copy) and its training metrics here and the
 driver pulls them.
 
-The learner's checkpoints come here too, as values (its weights and optimizer state): the driver
-writes them into the run directory, so no other node needs to see it.
+The learner's checkpoints come here too, as values (its weights and optimizer state, as the bytes
+of their .pt file: `records.checkpoint.state_bytes`): the driver writes them into the run
+directory, so no other node needs to see it. Nothing held here is a tensor, so this actor never
+imports torch (0.2 GB and a second of CPU at start-up otherwise).
 
 Shards stay until the epoch is covered by a learner checkpoint: a Ray Train worker group that
 restarts after a failure resumes from the newest checkpoint held here (or from the state a
@@ -61,7 +63,7 @@ class EpochExchange:
         self._released_through = -1  # epochs up to this one were trained and dropped (no checkpoints)
         self._shards: dict[int, list[EpochShard]] = {}
         self._policies: dict[int, PublishedPolicy] = {}
-        self._checkpointed: dict[int, dict[str, Any]] = {}  # epoch -> the learner's state after it
+        self._checkpointed: dict[int, bytes] = {}  # epoch -> the learner's state after it (state_bytes)
         self._fetched_through = -1  # the driver has taken the states up to this epoch to write
         self._changed = asyncio.Condition()
         self._stopped = False
@@ -157,8 +159,8 @@ class EpochExchange:
             raise RuntimeError(f"the learner failed before publishing policy version {version}: {self._error}")
         return self._policies[version]
 
-    async def put_checkpoint(self, epoch: int, state: dict[str, Any], written: bool = False) -> None:
-        """The learner's state after `epoch` (`records.checkpoint.learner_state`): the driver writes
+    async def put_checkpoint(self, epoch: int, state: bytes, written: bool = False) -> None:
+        """The learner's state after `epoch` (`learner_state` as `state_bytes`): the driver writes
         it into the run directory, and a restarted worker group starts from the newest one, so
         older shards are no longer needed. `written`: already on disk (a resumed run's start)."""
         self._checkpointed[epoch] = state
@@ -182,7 +184,7 @@ class EpochExchange:
         return {"shard_epochs": sorted(self._shards), "policy_versions": sorted(self._policies),
                 "checkpoint_epochs": sorted(self._checkpointed)}
 
-    async def latest_checkpoint(self) -> tuple[int, dict[str, Any]] | None:
+    async def latest_checkpoint(self) -> tuple[int, bytes] | None:
         """(epoch, learner state) of the newest checkpoint of this session, or the run's resume
         point, for a (re)started worker group: every shard after it is still here (save_freq > 0)."""
         if not self._checkpointed:
@@ -190,7 +192,7 @@ class EpochExchange:
         epoch = max(self._checkpointed)
         return epoch, self._checkpointed[epoch]
 
-    async def get_checkpoint(self, epoch: int, timeout_s: float | None = None) -> dict[str, Any]:
+    async def get_checkpoint(self, epoch: int, timeout_s: float | None = None) -> bytes:
         """The learner's state after `epoch`, for the driver to write (waits for it)."""
         await self._wait_for(lambda: epoch in self._checkpointed or self._error is not None, timeout_s,
                              f"the learner's checkpoint of epoch {epoch}")

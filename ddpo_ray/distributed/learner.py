@@ -37,7 +37,13 @@ from ddpo_ray.maths.diffusion import Trajectories
 from ddpo_ray.maths.sharding import EpochShard
 from ddpo_ray.models.lora import trainable_state_dict
 from ddpo_ray.models.pipelines import load_pipeline
-from ddpo_ray.records.checkpoint import learner_state, read_learner_state, restore_learner_state
+from ddpo_ray.records.checkpoint import (
+    learner_state,
+    read_learner_state,
+    restore_learner_state,
+    state_bytes,
+    state_from_bytes,
+)
 from ddpo_ray.records.run_dir import RunDirectory
 from ddpo_ray.training.epoch_loop import checkpoint_due
 from ddpo_ray.training.collectives import mean_over_ranks, reduction_device
@@ -122,7 +128,8 @@ def _learn(config: dict[str, Any]) -> None:
     first_epoch = config["first_epoch"]
     restart_point = ray.get(exchange.latest_checkpoint.remote())
     if restart_point is not None:
-        last_epoch, state = restart_point
+        last_epoch, packed = restart_point
+        state = state_from_bytes(packed, f"checkpoint of epoch {last_epoch}")
         restore_learner_state(state, pipe.unet, cfg.model.use_lora, optimizer, where=f"checkpoint of epoch {last_epoch}")
         first_epoch = last_epoch + 1
 
@@ -169,12 +176,13 @@ def _learn(config: dict[str, Any]) -> None:
         # copy under <run>/ray_train was a second copy of every checkpoint that nothing read.
         ray.train.report({"epoch": epoch, **metrics})  # a barrier for all ranks
         if saved is not None:
-            ray.get(exchange.put_checkpoint.remote(epoch, saved))
+            ray.get(exchange.put_checkpoint.remote(epoch, state_bytes(saved)))
 
     # A run stopped early (the guard) asks for a checkpoint of the last epoch it recorded.
     final = ray.get(exchange.final_checkpoint_epoch.remote())
     if rank == 0 and final is not None and final == last_trained and not checkpoint_due(cfg, final):
-        ray.get(exchange.put_checkpoint.remote(final, learner_state(pipe.unet, cfg.model.use_lora, optimizer)))
+        state = learner_state(pipe.unet, cfg.model.use_lora, optimizer)
+        ray.get(exchange.put_checkpoint.remote(final, state_bytes(state)))
 
 
 class LearnerPlacementError(RuntimeError):
@@ -207,8 +215,8 @@ class Learner:
             checkpointed=cfg.save_freq > 0, staleness=cluster.staleness
         )
         if resume_path is not None:  # read here, on the driver: the workers start from the exchange's copy
-            state = read_learner_state(Path(resume_path))
-            ray.get(self.exchange.put_checkpoint.remote(first_epoch - 1, state, written=True))
+            state = read_learner_state(Path(resume_path))  # checked here, before any worker reads it
+            ray.get(self.exchange.put_checkpoint.remote(first_epoch - 1, state_bytes(state), written=True))
         self.timeout_s = cluster.learner_timeout_s
         use_gpu = cluster.gpus_per_learner_worker > 0
         resources = {"CPU": cluster.cpus_per_learner_worker}
@@ -305,7 +313,8 @@ class Learner:
         """The learner's state after `epoch` (`records.checkpoint.learner_state`) once it has
         handed it over (same deadline), for the driver to write."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        return self._get(self.exchange.get_checkpoint.remote(epoch, timeout_s), timeout_s, f"checkpoint({epoch})")
+        packed = self._get(self.exchange.get_checkpoint.remote(epoch, timeout_s), timeout_s, f"checkpoint({epoch})")
+        return state_from_bytes(packed, f"the learner's checkpoint of epoch {epoch}")
 
     def stop(self, checkpoint_epoch: int | None = None) -> None:
         """No more epochs; with `checkpoint_epoch`, rank 0 first checkpoints that (last trained) epoch."""

@@ -23,9 +23,10 @@ from __future__ import annotations
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
+if TYPE_CHECKING:  # imported where tensors are made: the epoch exchange passes PolicyWeights on without torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class ObjectStoreTransport(WeightTransport):
                 f"PolicyWeights(version={weights.version}) has payload {type(weights.payload).__name__}; "
                 "expected the 1-tuple (ObjectRef,) that ObjectStoreTransport.publish makes"
             )
+        import torch
+
         arrays = ray.get(weights.payload[0])
         # Read-only views of shared memory, no copy: the caller copies them into its parameters
         # (load_state_dict) and must not write to them. torch warns about the read-only buffer.

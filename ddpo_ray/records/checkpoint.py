@@ -57,26 +57,37 @@ def _begin_rewrite(directory: Path) -> None:
     (directory / COMPLETE_MARKER).unlink(missing_ok=True)
 
 
-def _atomic_torch_save(state: Mapping[str, Any], path: Path) -> None:
-    """torch.save, but the file is replaced atomically and fsynced (a kill leaves old or new, never half)."""
+def state_bytes(state: Mapping[str, Any]) -> bytes:
+    """A state as the bytes of its .pt file (torch.save): how the learner hands its state to the
+    driver through the epoch exchange, which then holds bytes and never imports torch."""
     buffer = io.BytesIO()
     torch.save(dict(state), buffer)
-    atomic_write(path, buffer.getvalue())
+    return buffer.getvalue()
 
 
-def _load_state(path: Path) -> dict[str, Any]:
-    """A state file, unpickled with weights_only=True: tensors, numbers, strings and containers only.
+def _atomic_torch_save(state: Mapping[str, Any], path: Path) -> None:
+    """torch.save, but the file is replaced atomically and fsynced (a kill leaves old or new, never half)."""
+    atomic_write(path, state_bytes(state))
+
+
+def state_from_bytes(data: bytes, where: str) -> dict[str, Any]:
+    """A state from `state_bytes` or a state file's contents, unpickled with weights_only=True:
+    tensors, numbers, strings and containers only.
 
     A checkpoint is read from `resume_from` and `evaluate --checkpoint`, so it may come from
     anyone; full unpickling would run whatever code a crafted file names.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ValueError(
-            f"{path}: refused to load; a checkpoint state file may hold only tensors, numbers, strings "
+            f"{where}: refused to load; a checkpoint state may hold only tensors, numbers, strings "
             f"and containers (loaded with torch.load(weights_only=True)), this one names other objects: {exc}"
         ) from None
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    return state_from_bytes(Path(path).read_bytes(), str(path))
 
 
 def learner_state(unet: UNet2DConditionModel, use_lora: bool, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
