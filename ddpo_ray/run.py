@@ -57,7 +57,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m ddpo_ray.run"
 
 def _run_on_ray(args: argparse.Namespace, cfg, run_root, driver_module: Future) -> int:
     import ray
-    from ray import serve
 
     from ddpo_ray.distributed.cluster import connect
     from ddpo_ray.records.console import format_summary
@@ -85,10 +84,10 @@ def _run_on_ray(args: argparse.Namespace, cfg, run_root, driver_module: Future) 
         run_dir = RunDirectory(run_root)
         print(format_summary(history, run_dir.read_evals(), str(run_dir.root)), flush=True)
     finally:
-        shutdown_reward_apps(started_apps)
-        if started_cluster:
-            serve.shutdown()
+        if started_cluster:  # Serve and the applications go with the cluster
             ray.shutdown()
+        else:  # someone else's cluster: take away only what this run deployed
+            shutdown_reward_apps(started_apps)
     return 0
 
 

@@ -59,6 +59,9 @@ def connect(
     import ray
     from ray import serve
 
+    from ddpo_ray.infra.logs import quiet_serve_driver_lines
+
+    quiet_serve_driver_lines(verbose)
     quiet = {} if verbose else {"log_to_driver": False, "logging_level": logging.ERROR}
 
     address = address or os.environ.get("RAY_ADDRESS")

@@ -44,6 +44,16 @@ def quiet_third_party(verbose: bool) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+def quiet_serve_driver_lines(verbose: bool) -> None:
+    """Ray Serve prints its driver-side INFO lines ("Started Serve", "Application ... is ready")
+    on a stream handler of its own, set up when `ray.serve` is imported: unless `verbose`, that
+    handler shows warnings and errors only. Call after importing `ray.serve`."""
+    if verbose:
+        return
+    for handler in logging.getLogger("ray.serve").handlers:
+        handler.setLevel(logging.WARNING)
+
+
 def setup_console_logging(verbose: bool = False) -> None:
     """The console of an entry point (call once, first thing in `main`)."""
     quiet_third_party(verbose)
