@@ -13,10 +13,11 @@ product's own code:
            `MergedLora.merged_for_sampling`, `sample_batch`, the CPU copy sent to the learner), its
            reward client replaced by one that scores nothing; one counted warm-up batch, then
            `--batches` timed batches of `--batch` images;
-  learner  `load_pipeline` + `make_trainer_state` + `train_inner_epochs` (what each learner worker
-           runs, one worker so no DDP) on `--train-samples` of the timed trajectories, one optimizer
-           step over them; a counted warm-up call on one minibatch first. In bf16 this includes
-           `train.recompute_old_log_probs` (on in sd15_*): one no-grad forward per stored step;
+  learner  `load_pipeline` + `drop_sampling_modules` + `make_trainer_state` + `train_inner_epochs`
+           (what each learner worker runs, one worker so no DDP) on `--train-samples` of the timed
+           trajectories, one optimizer step over them; a counted warm-up call on one minibatch
+           first. In bf16 this includes `train.recompute_old_log_probs` (on in sd15_*): one no-grad
+           forward per stored step;
   sync     learner `transport.publish(trainable_state_dict(unet))`, sampler `apply_weights` (fetch
            + load into its UNet), then the re-merge (entering and leaving `merged_for_sampling`;
            nothing to merge for a bf16 UNet, which samples unmerged). Median of `--sync-repeats`.
@@ -259,7 +260,7 @@ def run(args) -> dict:
     from ddpo_ray.infra.hf_loading import compute_dtype
     from ddpo_ray.maths.diffusion import Trajectories, gaussian_log_prob, policy_step_mean, predict_noise
     from ddpo_ray.models.lora import trainable_state_dict
-    from ddpo_ray.models.pipelines import load_pipeline
+    from ddpo_ray.models.pipelines import drop_sampling_modules, load_pipeline
     from ddpo_ray.training.steps import make_trainer_state, train_guidance_scale, train_inner_epochs
 
     started = time.perf_counter()
@@ -300,7 +301,7 @@ def run(args) -> dict:
     sampler = Sampler(cfg, device=device, transport=InProcessTransport(), reward_client=NoRewards())
     sampler_resident = None if cpu else memory.allocated() - before
     before = memory.allocated()
-    pipe = load_pipeline(cfg.model, device, seed=cfg.seed)
+    pipe = drop_sampling_modules(load_pipeline(cfg.model, device, seed=cfg.seed))
     trainer = make_trainer_state(pipe, train_cfg)
     learner_resident = None if cpu else memory.allocated() - before
     randomize_lora_b(torch, pipe.unet)

@@ -98,3 +98,14 @@ def test_sd15_random_has_the_sd15_architecture():
     assert pipe.unet.config.cross_attention_dim == 768
     assert pipe.vae_scale_factor == 8
     assert pipe.text_encoder.config.hidden_size == 768
+
+
+def test_a_training_only_pipeline_releases_its_text_encoder_and_vae(tiny_pipe):
+    """The learner never encodes prompts or decodes images; its UNet and scheduler stay."""
+    from ddpo_ray.models.pipelines import drop_sampling_modules
+
+    unet, scheduler = tiny_pipe.unet, tiny_pipe.scheduler
+    pipe = drop_sampling_modules(tiny_pipe)
+    assert pipe.text_encoder is None and pipe.vae is None
+    assert pipe.unet is unet and pipe.scheduler is scheduler
+    assert pipe.vae_scale_factor == 4  # kept: the latent shape is still known

@@ -36,7 +36,7 @@ from ddpo_ray.infra.torch_thread import match_torch_threads_to_cpus
 from ddpo_ray.maths.diffusion import Trajectories
 from ddpo_ray.maths.sharding import EpochShard
 from ddpo_ray.models.lora import trainable_state_dict
-from ddpo_ray.models.pipelines import load_pipeline
+from ddpo_ray.models.pipelines import drop_sampling_modules, load_pipeline
 from ddpo_ray.records.checkpoint import (
     learner_state,
     read_learner_state,
@@ -118,7 +118,7 @@ def _learn(config: dict[str, Any]) -> None:
     match_torch_threads_to_cpus(cfg.cluster.torch_threads_here())  # cluster.torch_threads
     device = ray.train.torch.get_device()
 
-    pipe = load_pipeline(cfg.model, device, seed=cfg.seed)
+    pipe = drop_sampling_modules(load_pipeline(cfg.model, device, seed=cfg.seed))
     trainer = make_trainer_state(pipe, cfg)
     params, optimizer = trainer.params, trainer.optimizer
 

@@ -188,6 +188,15 @@ def _from_pretrained(name: str, revision: str | None) -> StableDiffusionPipeline
     return pipe
 
 
+def drop_sampling_modules(pipe: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    """Release the text encoder and the VAE of a pipeline that only trains (the learner's): PPO
+    runs the UNet on stored trajectories, their prompt embeddings included, and never encodes a
+    prompt or decodes an image. Frees their memory: 0.1 GB on `tiny` (its MiniLM encoder is 11x
+    its UNet), ~0.4 GB of GPU memory for SD 1.5 in half precision."""
+    pipe.register_modules(text_encoder=None, vae=None)
+    return pipe
+
+
 def load_pipeline(
     model: ModelConfig, device: torch.device | str = "cpu", seed: int = 0
 ) -> StableDiffusionPipeline:
