@@ -20,6 +20,7 @@ from ddpo_ray.export import EXPORTED_CONFIG, ExportError, resolve_source
 from ddpo_ray.export import main as export_main
 from ddpo_ray.models.lora import LORA_WEIGHTS_FILE, add_lora, load_trainable_state_dict, read_lora_weights
 from ddpo_ray.models.pipelines import load_pipeline
+from ddpo_ray.models.prompt_embeddings import encode_prompts
 from ddpo_ray.records.checkpoint import MODEL_CARD, POLICY_WEIGHTS, read_learner_state
 from ddpo_ray.records.model_card import model_card, read_front_matter
 from ddpo_ray.training.evaluation import EvalSet, generate_eval_images, initial_latents, summarise
@@ -100,7 +101,10 @@ def test_every_checkpoint_loads_in_diffusers_and_gives_the_evaluated_images(run)
 @pytest.mark.slow
 def test_diffusers_own_sampling_call_reproduces_the_eval_images(run):
     """`pipe(...)` itself (diffusers' DDIM loop, CFG, VAE decode) from the eval's initial noise, at
-    eta 0, gives the run's eval images of best, bit for bit."""
+    eta 0, gives the run's eval images of best: bit for bit from the same prompt embeddings, and
+    to a level or two of 255 in a few pixels when diffusers encodes the prompts itself (it encodes
+    them as one batch, the run each prompt alone, once: the text encoder's rounding depends on
+    the batch size)."""
     cfg, root = run
     pipe = diffusers_pipeline(cfg, root / "checkpoints" / "best")
     eval_set = EvalSet.from_config(cfg)
@@ -108,11 +112,18 @@ def test_diffusers_own_sampling_call_reproduces_the_eval_images(run):
     shape = (pipe.unet.config.in_channels, cfg.sample.resolution // pipe.vae_scale_factor,
              cfg.sample.resolution // pipe.vae_scale_factor)
     latents = initial_latents(cfg.seed, shape, len(eval_set))
+    prompt_embeds, negative_prompt_embeds = encode_prompts(pipe, eval_set.prompts)
+    call = {"latents": latents, "num_inference_steps": cfg.sample.num_steps,
+            "guidance_scale": cfg.sample.guidance_scale, "eta": 0.0, "output_type": "np"}
     with torch.no_grad():
-        theirs = pipe(list(eval_set.prompts), latents=latents, num_inference_steps=cfg.sample.num_steps,
-                      guidance_scale=cfg.sample.guidance_scale, eta=0.0, output_type="np").images
-    theirs = (np.asarray(theirs) * 255).round().astype(np.uint8)  # diffusers' own float -> uint8
-    assert cfg.eval.eta == 0 and np.array_equal(theirs, ours)
+        same_embeddings = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                               **call).images
+        own_encoding = pipe(list(eval_set.prompts), **call).images
+    as_uint8 = [(np.asarray(images) * 255).round().astype(np.uint8) for images in (same_embeddings, own_encoding)]
+    assert cfg.eval.eta == 0 and np.array_equal(as_uint8[0], ours)
+    # Here: 0 pixels differ at 1 thread, 0.008% by one level at 2; bounded with room for other CPUs.
+    differ = as_uint8[1] != ours
+    assert differ.mean() < 0.01 and np.abs(as_uint8[1].astype(int) - ours.astype(int)).max() <= 2
 
 
 @pytest.mark.slow
