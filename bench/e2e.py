@@ -18,7 +18,10 @@
     this process and every process under it (Ray's daemons, the sampler, the learner, Serve
     replicas);
 (h) sampling against a plain call: one tiny sampling batch through the LoRA adapter, merged (what
-    samplers do) and adapter-free (`bench/merged_sampling.py`), and the sampler actor's batch time.
+    samplers do) and adapter-free (`bench/merged_sampling.py`), and the sampler actor's batch time;
+(i) what the cluster costs the sampler: the same `Sampler` batches (the recipe's epoch, what the
+    actor runs per batch, its reward client scoring nothing) in a fresh process before Ray starts,
+    in one beside the cluster once its runs are over, and in a Ray task on it.
 The first epoch of each run (start-up, warm-up) is left out of epoch times. Prints figures;
 writes JSON. Run it twice to see the noise of this machine.
 
@@ -137,6 +140,41 @@ class MemoryWatch:
         self._thread.join()
 
 
+def sampler_batch_s(rounds: int = 3) -> float:
+    """Median seconds of one sampling batch through `Sampler._sample` (what the sampler actor runs
+    per batch) with the machine's cores as torch threads, over `rounds` epochs after a warm-up.
+    On the calling thread: this process's torch already runs on its main thread (see TorchThread)."""
+    from ddpo_ray.distributed.sampler import Sampler, SampleTask
+    from ddpo_ray.distributed.weight_transport import INITIAL_POLICY
+    from ddpo_ray.prompts import get_prompts
+
+    class ScoresNothing:  # the sampler is timed, not the rewards (no Serve before Ray starts)
+        def submit(self, images, prompts):
+            return None
+
+    cfg = build_config()
+    torch.set_num_threads(os.cpu_count() or 2)
+    sampler = Sampler(cfg, 0, reward_client=ScoresNothing())
+    sampler.apply_weights(INITIAL_POLICY)
+    prompts, batches = get_prompts(cfg.prompts.name), cfg.sample.num_batches_per_epoch
+    per_batch = []
+    for epoch in range(rounds + 1):
+        start = time.perf_counter()
+        for b in range(batches):  # each batch one prompt's group, as the recipe lays them out
+            task = SampleTask(epoch=epoch, batch_index=b, prompts=(prompts[b % len(prompts)],) * cfg.sample.batch_size)
+            sampler._sample(task, INITIAL_POLICY)
+        per_batch.append((time.perf_counter() - start) / batches)
+    return statistics.median(per_batch[1:])
+
+
+def sampler_batch_in_fresh_process() -> float:
+    """`sampler_batch_s` in a new Python process (no Ray in it), which leaves nothing behind here."""
+    code = "import e2e; print(e2e.sampler_batch_s())"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def sync_latency(rank: int, num_samplers: int, repeats: int = 5) -> dict:
     from ddpo_ray.config import ModelConfig
     from ddpo_ray.distributed.weight_transport import ObjectStoreTransport
@@ -173,6 +211,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         results["first_epoch"] = time_to_first_epoch(tmp)  # before this bench's cluster: one at a time
         results["plain_call"] = measure_sampling(build_config(overrides=["sample.num_steps=20"]), repeats=3, threads=cpus)
+        results["sampler_batch_plain_process_s"] = sampler_batch_in_fresh_process()  # no Ray running
         ray.init(num_cpus=2 * cpus + 4, include_dashboard=False, log_to_driver=False)
         from ray import serve
 
@@ -217,6 +256,9 @@ def main() -> int:
         results["sampler_batch_s"] = results["phases_ray_staleness0_s"]["time_sampling"] / batches
         if not args.skip_sync:
             results["weight_sync"] = [sync_latency(r, n) for r in (4, 16, 64) for n in (1, 2, 4)]
+        # After the runs, so the pipelines these load are in no memory figure above.
+        results["sampler_batch_beside_idle_cluster_s"] = sampler_batch_in_fresh_process()
+        results["sampler_batch_in_ray_task_s"] = ray.get(ray.remote(num_cpus=1)(sampler_batch_s).remote())
         ray.shutdown()
 
     print(f"epoch time (steady, median): local {results['epoch_time_local_s']:.2f}s, "
@@ -242,6 +284,9 @@ def main() -> int:
           f"{plain['seconds']['adapter-free']:.3f}s -> merged / adapter-free {plain['merged_over_adapter_free']:.3f} "
           f"(target <= 1.05); sampler actor batch in the Ray run ({results['work_steps']} steps) "
           f"{results['sampler_batch_s']:.3f}s")
+    print(f"sampler batch, the same code: plain process {results['sampler_batch_plain_process_s']:.3f}s, beside the "
+          f"idle cluster {results['sampler_batch_beside_idle_cluster_s']:.3f}s, in a Ray task "
+          f"{results['sampler_batch_in_ray_task_s']:.3f}s, in the Ray run {results['sampler_batch_s']:.3f}s")
     for row in results.get("weight_sync", []):
         print(f"weight sync: LoRA rank {row['lora_rank']:3d} ({row['bytes'] / 1e3:.0f} kB) to {row['samplers']} "
               f"sampler(s): {row['latency_ms_median']:.1f} ms")
