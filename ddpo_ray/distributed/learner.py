@@ -129,8 +129,8 @@ def _learn(config: dict[str, Any]) -> None:
     restart_point = ray.get(exchange.latest_checkpoint.remote())
     if restart_point is not None:
         last_epoch, packed = restart_point
-        state = state_from_bytes(packed, f"checkpoint of epoch {last_epoch}")
-        restore_learner_state(state, pipe.unet, cfg.model.use_lora, optimizer, where=f"checkpoint of epoch {last_epoch}")
+        where = f"checkpoint of epoch {last_epoch}"
+        restore_learner_state(state_from_bytes(packed, where), pipe.unet, cfg.model.use_lora, optimizer, where=where)
         first_epoch = last_epoch + 1
 
     restarts = ray.get(exchange.group_started.remote()) if rank == 0 else 0

@@ -53,9 +53,10 @@ class PromptEmbeddingCache:
             self._rows.clear()
             self._bytes = 0
             self._weights_key = key
-        fresh = {p: self._encode_alone(pipe, p) for p in dict.fromkeys(prompts) if p not in self._rows}
+        distinct = dict.fromkeys(prompts)
+        fresh = {p: self._encode_alone(pipe, p) for p in distinct if p not in self._rows}
         rows = [fresh[p] if p in fresh else self._rows[p] for p in prompts]
-        for p in prompts:  # most recently used last
+        for p in distinct:  # most recently used last
             if p in self._rows:
                 self._rows.move_to_end(p)
         for p, row in fresh.items():
